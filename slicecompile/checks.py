@@ -1,0 +1,74 @@
+"""Argument validation for the public ops: a clear TypeError/ValueError naming what is wrong,
+before anything reaches a kernel."""
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_p(p):
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"p must be a float, got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:  # also rejects NaN
+        raise ValueError(
+            f"p must be in [0, 1), got {p}; p = 1 would drop every input "
+            "(the 1 / (1 - p) scale is undefined): use zeros instead"
+        )
+
+
+def check_block(block):
+    """A power of two >= 16 per side; an int means a square block. Returns (BM, BK)."""
+    if isinstance(block, int) and not isinstance(block, bool):
+        block = (block, block)
+    if not isinstance(block, (tuple, list)) or len(block) != 2:
+        raise TypeError(f"block must be an int or a pair of ints, got {block!r}")
+    for side in block:
+        if isinstance(side, bool) or not isinstance(side, int):
+            raise TypeError(f"block sides must be ints, got {block!r}")
+        if side < 16 or side & (side - 1):
+            raise ValueError(f"block sides must be powers of two >= 16, got {tuple(block)}")
+    return tuple(block)
+
+
+def _check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def check_linear_operands(x, weight, bias):
+    """F.linear's layout: x (..., in_features), weight (out_features, in_features), bias (out_features,)."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    if bias is not None:
+        _check_tensor("bias", bias)
+    tensors = {"x": x, "weight": weight} | ({} if bias is None else {"bias": bias})
+    if len({t.dtype for t in tensors.values()}) > 1:
+        raise TypeError("x, weight and bias must share one dtype, got " + _describe(tensors, "dtype"))
+    if len({t.device for t in tensors.values()}) > 1:
+        raise ValueError("x, weight and bias must be on one device, got " + _describe(tensors, "device"))
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension but weight expects "
+            f"in_features = {weight.shape[1]} (weight shape {tuple(weight.shape)})"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def check_mask_fits(mask, x2d):
+    if tuple(mask.shape) != tuple(x2d.shape):
+        raise ValueError(f"the mask covers {tuple(mask.shape)} but x flattens to {tuple(x2d.shape)}")
+    if mask.kept.device != x2d.device:
+        raise ValueError(f"the mask is on {mask.kept.device} but x is on {x2d.device}")
+
+
+def _describe(tensors, attr):
+    return ", ".join(f"{name}: {getattr(t, attr)}" for name, t in tensors.items())

@@ -1,0 +1,140 @@
+"""dropout_linear: F.linear on block-dropped input, as torch.library custom ops.
+
+Three ops, one per GEMM, so torch.compile traces them without a graph break and
+AOTAutograd sees the backward: the forward (block-sparse X times Wᵀ), the input gradient
+(only kept tiles of dY·W computed, zeros elsewhere) and the weight gradient (dropped
+tiles skipped in the reduction). The mask is drawn outside the ops by plain torch code,
+so the ops themselves are deterministic and a recomputation can reuse a saved mask.
+Backward saves x, weight and the tiny tile index, never an element-wise mask.
+
+CUDA tensors run the Triton kernels; CPU tensors run the dense reference (the same
+definition, element by element), or the kernels through Triton's interpreter when
+TRITON_INTERPRET=1.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .checks import check_block, check_linear_operands, check_mask_fits, check_p
+from .kernels import interpreting, sparse_input_matmul, sparse_output_matmul
+from .masks import BlockMask, draw_block_mask
+
+# (BM, BK) = (128, 128): SparseDrop's tile. With BM = 128 the kernels use full 128-row
+# tiles; see bench/results for the block sweep this default rests on.
+DEFAULT_BLOCK = (128, 128)
+
+
+def _use_kernels(t):
+    return t.is_cuda or interpreting()
+
+
+def _allow_tf32():
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+def _mask(kept, count, shape, block_m, block_k, p):
+    return BlockMask(kept, count, tuple(shape), (block_m, block_k), p)
+
+
+@torch.library.custom_op("slicecompile::block_dropout_linear", mutates_args=())
+def block_dropout_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
+) -> Tensor:
+    """(x ⊙ mask) @ weightᵀ / (1 - p) + bias for 2-D x (M, K)."""
+    mask = _mask(kept, count, x.shape, block_m, block_k, p)
+    if not _use_kernels(x):
+        return reference.forward(x, weight, bias, mask)
+    return sparse_input_matmul(x, weight.t(), kept, count, mask.block, mask.scale, bias=bias, allow_tf32=_allow_tf32())
+
+
+@torch.library.custom_op("slicecompile::block_dropout_linear_grad_input", mutates_args=())
+def block_dropout_linear_grad_input(
+    grad_out: Tensor, weight: Tensor, kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
+) -> Tensor:
+    """(grad_out @ weight) ⊙ mask / (1 - p), shape (M, K)."""
+    mask = _mask(kept, count, (grad_out.shape[0], weight.shape[1]), block_m, block_k, p)
+    if not _use_kernels(grad_out):
+        return reference.grad_input(grad_out, weight, mask)
+    return sparse_output_matmul(grad_out, weight, mask.tiles(), mask.block, mask.scale, allow_tf32=_allow_tf32())
+
+
+@torch.library.custom_op("slicecompile::block_dropout_linear_grad_weight", mutates_args=())
+def block_dropout_linear_grad_weight(
+    grad_out: Tensor, x: Tensor, kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
+) -> Tensor:
+    """grad_outᵀ @ (x ⊙ mask) / (1 - p), shape (N, K)."""
+    mask = _mask(kept, count, x.shape, block_m, block_k, p)
+    if not _use_kernels(x):
+        return reference.grad_weight(grad_out, x, mask)
+    # dWᵀ = (x ⊙ mask)ᵀ @ dY: the same block-sparse-input GEMM over the mask's columns.
+    rows, counts = mask.columns()
+    grad_weight = torch.empty(grad_out.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
+    sparse_input_matmul(
+        x.t(), grad_out, rows, counts, mask.block[::-1], mask.scale, out=grad_weight.t(), allow_tf32=_allow_tf32()
+    )
+    return grad_weight
+
+
+@block_dropout_linear.register_fake
+def _(x, weight, bias, kept, count, block_m, block_k, p):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@block_dropout_linear_grad_input.register_fake
+def _(grad_out, weight, kept, count, block_m, block_k, p):
+    return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
+
+
+@block_dropout_linear_grad_weight.register_fake
+def _(grad_out, x, kept, count, block_m, block_k, p):
+    return x.new_empty(grad_out.shape[1], x.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, kept, count, block_m, block_k, p = inputs
+    ctx.save_for_backward(x, weight, kept, count)
+    ctx.mask_args = (block_m, block_k, p)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, kept, count = ctx.saved_tensors
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = block_dropout_linear_grad_input(grad_out, weight, kept, count, *ctx.mask_args)
+    if ctx.needs_input_grad[1]:
+        grad_weight = block_dropout_linear_grad_weight(grad_out, x, kept, count, *ctx.mask_args)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = reference.grad_bias(grad_out)
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+block_dropout_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dropout_linear(x, weight, bias=None, p=0.5, block=DEFAULT_BLOCK, training=True):
+    """F.linear(block_dropout(x), weight, bias): whole (BM, BK) tiles of x, flattened to
+    (rows, in_features), are kept or dropped, every block-row keeping the same number of
+    tiles; kept values are scaled by 1 / (1 - p). With training=False or p=0 this is
+    exactly F.linear(x, weight, bias). p must be in [0, 1)."""
+    check_linear_operands(x, weight, bias)
+    check_p(p)
+    block = check_block(block)
+    if not training or p == 0:
+        return F.linear(x, weight, bias)
+    in_features = x.shape[-1]
+    mask = draw_block_mask(x.numel() // in_features, in_features, p, block, device=x.device)
+    return dropout_linear_with_mask(x, weight, bias, mask)
+
+
+def dropout_linear_with_mask(x, weight, bias, mask: BlockMask):
+    """dropout_linear under an explicit mask (from draw_block_mask over x flattened to 2-D)."""
+    check_linear_operands(x, weight, bias)
+    x2d = x.reshape(-1, x.shape[-1])
+    check_mask_fits(mask, x2d)
+    y = block_dropout_linear(x2d, weight, bias, mask.kept, mask.count, *mask.block, mask.p)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

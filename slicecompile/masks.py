@@ -1,0 +1,70 @@
+"""Block masks: which (BM, BK) tiles of a flattened (M, K) input are kept.
+
+Every block-row keeps the same number of tiles, `count`, drawn once per mask so that
+E[count] = (1 - p) * tiles_per_row exactly: each tile, and so each element, is kept with
+probability 1 - p, even when a row has only one or two tiles. Scaling kept values by
+1 / (1 - p) then makes the output unbiased. Everything is drawn on the tensor's device
+from torch's generator (torch.manual_seed reproduces it) with static shapes and no host
+synchronisation: the tensors' sizes depend only on (M, K, p, block).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """kept: (block_rows, width) int32, block-row i keeps K-tiles kept[i, :count]
+    in ascending order (entries past count hold the sentinel tiles_per_row);
+    count: (1,) int32 on the same device, shared by every block-row."""
+
+    kept: torch.Tensor
+    count: torch.Tensor
+    shape: tuple  # (M, K) of the flattened input
+    block: tuple  # (BM, BK)
+    p: float
+
+    @property
+    def grid(self):
+        """(block_rows, tiles_per_row)."""
+        return (-(-self.shape[0] // self.block[0]), -(-self.shape[1] // self.block[1]))
+
+    @property
+    def scale(self):
+        return 1.0 / (1.0 - self.p)
+
+    def tiles(self):
+        """(block_rows, tiles_per_row) bool: True where the tile is kept."""
+        rows, cols = self.grid
+        table = torch.zeros(rows, cols + 1, dtype=torch.bool, device=self.kept.device)
+        table.scatter_(1, self.kept.long(), True)  # the sentinel lands in the extra column
+        return table[:, :cols]
+
+    def columns(self):
+        """The transposed index: (tiles_per_row, block_rows) int32 block-rows that keep each
+        K-tile, kept rows first and ascending, and (tiles_per_row,) int32 counts."""
+        dropped = (~self.tiles()).t().contiguous().to(torch.uint8)
+        rows = torch.sort(dropped, dim=1, stable=True).indices.to(torch.int32)
+        count = (1 - dropped).sum(dim=1, dtype=torch.int32)
+        return rows, count
+
+    def elements(self):
+        """(M, K) bool element-wise mask, for references and tests."""
+        full = self.tiles().repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
+        return full[: self.shape[0], : self.shape[1]]
+
+
+def draw_block_mask(rows, cols, p, block, device=None, generator=None):
+    """Draw a BlockMask over a (rows, cols) input for drop probability 0 <= p < 1."""
+    block_rows, per_row = -(-rows // block[0]), -(-cols // block[1])
+    expected = (1.0 - p) * per_row
+    base = math.floor(expected)
+    extra = expected - base
+    width = base + (extra > 0)
+    count = base + (torch.rand(1, device=device, generator=generator) < extra).to(torch.int32)
+    order = torch.rand(block_rows, per_row, device=device, generator=generator).argsort(dim=1)[:, :width]
+    slots = torch.arange(width, device=device)
+    kept = torch.where(slots < count, order, per_row).sort(dim=1).values.to(torch.int32)
+    return BlockMask(kept, count, (rows, cols), tuple(block), float(p))
