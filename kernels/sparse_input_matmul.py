@@ -18,14 +18,33 @@ from .runtime import check_matmul_operands, interpreting, run_in_interpreter_dty
 
 @triton.jit
 def sparse_input_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, kept_ptr, count_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_kept_m, stride_kept_k, stride_count,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    bias_ptr,
+    kept_ptr,
+    count_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_kept_m,
+    stride_kept_k,
+    stride_count,
     scale,
-    MASK_BM: tl.constexpr, MASK_BK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    MASK_BM: tl.constexpr,
+    MASK_BK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """a: (M, K), b: (K, N), c: (M, N), bias: (N,) if HAS_BIAS,
     kept: (cdiv(M, MASK_BM), width) int32 K-tile indices, count: per block-row int32.
@@ -75,9 +94,7 @@ def _config(mask_block, interpret):
     mask_bm, mask_bk = mask_block
     if interpret:  # the interpreter pays per program and per loop step: the biggest tiles
         return dict(BLOCK_M=mask_bm, BLOCK_N=64, BLOCK_K=mask_bk, GROUP_M=1, num_warps=4, num_stages=1)
-    return dict(
-        BLOCK_M=min(128, mask_bm), BLOCK_N=128, BLOCK_K=min(64, mask_bk), GROUP_M=8, num_warps=8, num_stages=3
-    )
+    return dict(BLOCK_M=min(128, mask_bm), BLOCK_N=128, BLOCK_K=min(64, mask_bk), GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def sparse_input_matmul(a, b, kept, count, mask_block, scale, bias=None, out=None, allow_tf32=False):
@@ -108,13 +125,29 @@ def sparse_input_matmul(a, b, kept, count, mask_block, scale, bias=None, out=Non
         config = _config(mask_block, interpreting())
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
         sparse_input_matmul_kernel[grid](
-            a, b, out_, out_ if bias is None else bias, kept, count,
-            M, N, K,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out_.stride(0), out_.stride(1),
-            kept.stride(0), kept.stride(1), 0 if count.numel() == 1 else count.stride(0),
+            a,
+            b,
+            out_,
+            out_ if bias is None else bias,
+            kept,
+            count,
+            M,
+            N,
+            K,
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            out_.stride(0),
+            out_.stride(1),
+            kept.stride(0),
+            kept.stride(1),
+            0 if count.numel() == 1 else count.stride(0),
             float(scale),
-            MASK_BM=mask_block[0], MASK_BK=mask_block[1],
-            HAS_BIAS=bias is not None, INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+            MASK_BM=mask_block[0],
+            MASK_BK=mask_block[1],
+            HAS_BIAS=bias is not None,
+            INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
             **config,
         )
     return out

@@ -18,14 +18,29 @@ from .runtime import check_matmul_operands, interpreting, run_in_interpreter_dty
 
 @triton.jit
 def sparse_output_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, keep_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_keep_m, stride_keep_n,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    keep_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_keep_m,
+    stride_keep_n,
     scale,
-    MASK_BM: tl.constexpr, MASK_BN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    MASK_BM: tl.constexpr,
+    MASK_BN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """a: (M, K), b: (K, N), c: (M, N), keep: (cdiv(M, MASK_BM), cdiv(N, MASK_BN)) uint8.
     BLOCK_M divides MASK_BM and BLOCK_N divides MASK_BN."""
@@ -69,9 +84,7 @@ def _config(mask_block, interpret):
     mask_bm, mask_bn = mask_block
     if interpret:  # the interpreter pays per program and per loop step: the biggest tiles
         return dict(BLOCK_M=mask_bm, BLOCK_N=mask_bn, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=1)
-    return dict(
-        BLOCK_M=min(128, mask_bm), BLOCK_N=min(128, mask_bn), BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3
-    )
+    return dict(BLOCK_M=min(128, mask_bm), BLOCK_N=min(128, mask_bn), BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=False):
@@ -98,12 +111,24 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
         config = _config(mask_block, interpreting())
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
         sparse_output_matmul_kernel[grid](
-            a, b, out_, keep,
-            M, N, K,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out_.stride(0), out_.stride(1),
-            keep.stride(0), keep.stride(1),
+            a,
+            b,
+            out_,
+            keep,
+            M,
+            N,
+            K,
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            out_.stride(0),
+            out_.stride(1),
+            keep.stride(0),
+            keep.stride(1),
             float(scale),
-            MASK_BM=mask_block[0], MASK_BN=mask_block[1],
+            MASK_BM=mask_block[0],
+            MASK_BN=mask_block[1],
             INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
             **config,
         )

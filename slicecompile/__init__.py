@@ -1,6 +1,6 @@
 """slicecompile: block-structured dropout with GEMMs that skip the dropped tiles."""
 
-from .dropout_linear import DEFAULT_BLOCK, dropout_linear, dropout_linear_with_mask
+from .dropout_linear_op import DEFAULT_BLOCK, dropout_linear, dropout_linear_with_mask
 from .masks import BlockMask, draw_block_mask
 from .reference import dropout_linear_reference
 

@@ -6,8 +6,6 @@ can run them without autograd and tests can check them against autograd:
 dX = (dY W) ⊙ M · s, dW = dYᵀ (X ⊙ M) · s, db = Σ_rows dY.
 """
 
-import torch
-
 
 def _masked(x2d, mask):
     return x2d * mask.elements().to(x2d.dtype)

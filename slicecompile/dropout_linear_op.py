@@ -12,8 +12,6 @@ definition, element by element), or the kernels through Triton's interpreter whe
 TRITON_INTERPRET=1.
 """
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,7 +40,7 @@ def _mask(kept, count, shape, block_m, block_k, p):
 
 @torch.library.custom_op("slicecompile::block_dropout_linear", mutates_args=())
 def block_dropout_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
+    x: Tensor, weight: Tensor, bias: Tensor | None, kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
 ) -> Tensor:
     """(x ⊙ mask) @ weightᵀ / (1 - p) + bias for 2-D x (M, K)."""
     mask = _mask(kept, count, x.shape, block_m, block_k, p)

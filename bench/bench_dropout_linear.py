@@ -1,0 +1,104 @@
+"""Kernel benchmark of dropout -> linear: slicecompile against dense and dropout baselines.
+
+Providers: dense (F.linear), dropout_eager (F.dropout + F.linear), dropout_inductor (the same
+under torch.compile), limit (F.linear on the kept K width: the work that must be done),
+slicecompile (dropout_linear). Modes: fwd, full (forward + backward). Prints a table and
+appends rows to bench/results/<--csv>.
+
+    python bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0 0.5
+"""
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import pathlib
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import slicecompile
+from slicecompile.timing import median_ms
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FIELDS = "gpu dtype M K N p policy block provider mode ms torch triton timestamp".split()
+
+
+def providers(x, w, p, block):
+    kept_k = max(1, math.floor((1 - p) * x.shape[1] / block[1] + 0.5)) * block[1]
+    x_kept, w_kept = x[:, :kept_k].detach().requires_grad_(), w[:, :kept_k].detach().requires_grad_()
+    eager = lambda: F.linear(F.dropout(x, p), w)
+    return {
+        "dense": (lambda: F.linear(x, w), [x, w]),
+        "dropout_eager": (eager, [x, w]),
+        "dropout_inductor": (torch.compile(eager), [x, w]),
+        "limit": (lambda: F.linear(x_kept, w_kept), [x_kept, w_kept]),
+        "slicecompile": (lambda: slicecompile.dropout_linear(x, w, p=p, block=block), [x, w]),
+    }
+
+
+def run(shape, p, block, dtype, device, only=None):
+    M, K, N = shape
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(N, K, device=device) / K**0.5).to(dtype).requires_grad_()
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    rows = []
+    for name, (fn, leaves) in providers(x, w, p, block).items():
+        if only and name not in only:
+            continue
+        with torch.no_grad():
+            fwd = median_ms(fn, device)
+        full = median_ms(lambda fn=fn: fn().backward(dy), device, grad_to_none=leaves)
+        rows += [(name, "fwd", fwd), (name, "full", full)]
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["8192,4096,4096"], help="M,K,N")
+    parser.add_argument("--p", type=float, nargs="+", default=[0.0, 0.5])
+    parser.add_argument("--blocks", nargs="+", default=["128,128"], help="BM,BK")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--providers", nargs="+", default=None)
+    parser.add_argument("--csv", default="dropout_linear.csv")
+    args = parser.parse_args()
+    device = "cuda"
+    meta = dict(
+        gpu=torch.cuda.get_device_name(),
+        dtype=args.dtype,
+        policy="block",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    out = RESULTS / args.csv
+    os.makedirs(RESULTS, exist_ok=True)
+    new = not out.exists()
+    with open(out, "a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+        print(f"{meta['gpu']}, {args.dtype}, torch {meta['torch']}, triton {meta['triton']}: median ms")
+        print(f"{'M,K,N':>16} {'p':>5} {'block':>8} {'provider':>17} {'fwd':>8} {'full':>8}")
+        for shape in args.shapes:
+            for blk in args.blocks:
+                for p in args.p:
+                    M, K, N = map(int, shape.split(","))
+                    block = tuple(map(int, blk.split(",")))
+                    rows = run((M, K, N), p, block, DTYPES[args.dtype], device, args.providers)
+                    by_provider = {}
+                    for provider, mode, ms in rows:
+                        by_provider.setdefault(provider, {})[mode] = ms
+                        writer.writerow(
+                            meta | dict(M=M, K=K, N=N, p=p, block=blk, provider=provider, mode=mode, ms=f"{ms:.4f}")
+                        )
+                    for provider, ms in by_provider.items():
+                        print(f"{shape:>16} {p:>5} {blk:>8} {provider:>17} {ms['fwd']:>8.3f} {ms['full']:>8.3f}")
+                    f.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+import argparse
+import sys
+
+from . import demo
+
+COMMANDS = {"demo": demo.main}
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python -m slicecompile")
+    parser.add_argument("command", choices=COMMANDS, nargs="?", default="demo")
+    args, rest = parser.parse_known_args()
+    return COMMANDS[args.command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

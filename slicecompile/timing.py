@@ -1,0 +1,24 @@
+"""Median wall time of a callable: CUDA events through triton's do_bench on a GPU,
+perf_counter with synchronisation-free CPU code elsewhere."""
+
+import statistics
+import time
+
+import torch
+
+
+def median_ms(fn, device, grad_to_none=None, rep_ms=200):
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=50, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
+    fn()  # warm-up
+    samples = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while len(samples) < 3 or time.perf_counter() < deadline:
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000)
+    return statistics.median(samples)

@@ -1,0 +1,116 @@
+"""The masked-GEMM primitives against dense references under explicit masks."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from slicecompile import draw_block_mask
+from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul
+
+from conftest import DEVICE
+from tolerance import assert_close
+
+dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+blocks = st.tuples(st.sampled_from([16, 32, 64]), st.sampled_from([16, 32, 64]))
+
+
+def _operand(rows, cols, dtype, transposed):
+    """A (rows, cols) tensor, stored transposed when asked (strides (1, rows))."""
+    if transposed:
+        return torch.randn(cols, rows, device=DEVICE).to(dtype).t()
+    return torch.randn(rows, cols, device=DEVICE).to(dtype)
+
+
+@given(
+    M=st.integers(1, 200),
+    K=st.integers(1, 200),
+    N=st.integers(1, 150),
+    p=st.sampled_from([0.0, 0.3, 0.5, 0.8]),
+    block=blocks,
+    dtype=dtypes,
+    bias=st.booleans(),
+    a_t=st.booleans(),
+    b_t=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sparse_input_matmul(M, K, N, p, block, dtype, bias, a_t, b_t, seed):
+    torch.manual_seed(seed)
+    a, b = _operand(M, K, dtype, a_t), _operand(K, N, dtype, b_t)
+    c_bias = torch.randn(N, device=DEVICE).to(dtype) if bias else None
+    mask = draw_block_mask(M, K, p, block, device=DEVICE)
+    out = sparse_input_matmul(a, b, mask.kept, mask.count, mask.block, mask.scale, bias=c_bias)
+
+    def ref(a, b, c_bias):
+        y = (a * mask.elements().to(a.dtype)) @ b * mask.scale
+        return y if c_bias is None else y + c_bias
+
+    wide = [None if t is None else t.double() for t in (a, b, c_bias)]
+    assert_close(out, ref(*wide), ref(a, b, c_bias), "sparse_input_matmul")
+
+
+@given(
+    M=st.integers(1, 200),
+    K=st.integers(1, 200),
+    N=st.integers(1, 150),
+    p=st.sampled_from([0.0, 0.3, 0.5, 0.8]),
+    block=blocks,
+    dtype=dtypes,
+    a_t=st.booleans(),
+    b_t=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sparse_output_matmul(M, K, N, p, block, dtype, a_t, b_t, seed):
+    torch.manual_seed(seed)
+    a, b = _operand(M, K, dtype, a_t), _operand(K, N, dtype, b_t)
+    mask = draw_block_mask(M, N, p, block, device=DEVICE)
+    out = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)  # every element must be written
+    sparse_output_matmul(a, b, mask.tiles(), mask.block, mask.scale, out=out)
+
+    def ref(a, b):
+        return (a @ b) * mask.elements().to(a.dtype) * mask.scale
+
+    assert_close(out, ref(a.double(), b.double()), ref(a, b), "sparse_output_matmul")
+    assert (out[~mask.elements()] == 0).all(), "dropped tiles are written as zeros"
+
+
+def test_per_row_counts_and_transposed_output():
+    """The weight-gradient role: rows keep different numbers of tiles, output written transposed."""
+    torch.manual_seed(1)
+    x, dy = torch.randn(150, 90, device=DEVICE), torch.randn(150, 70, device=DEVICE)
+    mask = draw_block_mask(150, 90, 0.5, (32, 16), device=DEVICE)
+    rows, counts = mask.columns()
+    assert counts.unique().numel() > 1, "the test needs unequal counts"
+    out = torch.empty(70, 90, device=DEVICE)
+    sparse_input_matmul(x.t(), dy, rows, counts, (16, 32), mask.scale, out=out.t())
+    expected = dy.double().t() @ (x.double() * mask.elements()) * mask.scale
+    assert_close(out, expected, dy.t() @ (x * mask.elements()) * mask.scale, "transposed role")
+
+
+def _launch_input(a, b, mask, **kw):
+    return sparse_input_matmul(a, b, mask.kept, mask.count, mask.block, mask.scale, **kw)
+
+
+def test_launchers_reject_bad_operands():
+    f32 = torch.randn(64, 64, device=DEVICE)
+    mask = draw_block_mask(64, 64, 0.5, (32, 32), device=DEVICE)
+    with pytest.raises(TypeError, match="dtype"):
+        _launch_input(f32.to(torch.int32), f32, mask)
+    with pytest.raises(TypeError, match="share a dtype"):
+        _launch_input(f32, f32.half(), mask)
+    with pytest.raises(ValueError, match="inner sizes"):
+        _launch_input(f32, torch.randn(32, 8, device=DEVICE), mask)
+    with pytest.raises(ValueError, match="2-D"):
+        _launch_input(f32[None], f32, mask)
+    with pytest.raises(TypeError, match="int32"):
+        sparse_input_matmul(f32, f32, mask.kept.long(), mask.count, mask.block, mask.scale)
+    with pytest.raises(ValueError, match="kept must have shape"):
+        sparse_input_matmul(f32, f32, mask.kept[:1], mask.count, mask.block, mask.scale)
+    with pytest.raises(ValueError, match="bias"):
+        _launch_input(f32, f32, mask, bias=torch.randn(3, device=DEVICE))
+    with pytest.raises(ValueError, match="out must have shape"):
+        _launch_input(f32, f32, mask, out=torch.empty(3, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="keep must have shape"):
+        sparse_output_matmul(f32, f32, mask.tiles()[:1], mask.block, mask.scale)
+    with pytest.raises(TypeError, match="keep must be"):
+        sparse_output_matmul(f32, f32, mask.tiles().float(), mask.block, mask.scale)
