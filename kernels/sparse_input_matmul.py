@@ -97,11 +97,12 @@ def _config(mask_block, interpret):
     return dict(BLOCK_M=min(128, mask_bm), BLOCK_N=128, BLOCK_K=min(64, mask_bk), GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def sparse_input_matmul(a, b, kept, count, mask_block, scale, bias=None, out=None, allow_tf32=False):
+def sparse_input_matmul(a, b, kept, count, mask_block, scale, bias=None, out=None, allow_tf32=False, config=None):
     """scale * (a ⊙ mask) @ b (+ bias) -> (M, N), for 2-D a (M, K) and b (K, N) of any strides.
 
     kept: (cdiv(M, mask_block[0]), width) int32, block-row i keeps K-tiles kept[i, :count[i]];
     count: int32 with one entry per block-row, or a single entry shared by all rows.
+    config: kernel tiles and launch options overriding the default (tiles must divide the mask's block).
     out: optional (M, N) tensor (any strides) to write into.
     """
     check_matmul_operands(a, b)
@@ -122,7 +123,9 @@ def sparse_input_matmul(a, b, kept, count, mask_block, scale, bias=None, out=Non
         raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
 
     with run_in_interpreter_dtype(out, a, b, bias) as (out_, a, b, bias):
-        config = _config(mask_block, interpreting())
+        config = config or _config(mask_block, interpreting())
+        if mask_block[0] % config["BLOCK_M"] or mask_block[1] % config["BLOCK_K"]:
+            raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
         sparse_input_matmul_kernel[grid](
             a,

@@ -87,10 +87,11 @@ def _config(mask_block, interpret):
     return dict(BLOCK_M=min(128, mask_bm), BLOCK_N=min(128, mask_bn), BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=False):
+def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=False, config=None):
     """scale * (a @ b) ⊙ mask -> (M, N), for 2-D a (M, K) and b (K, N) of any strides.
 
     keep: (cdiv(M, mask_block[0]), cdiv(N, mask_block[1])) uint8 or bool, 1 = tile kept.
+    config: kernel tiles and launch options overriding the default (tiles must divide the mask's block).
     out: optional (M, N) tensor (any strides) to write into; every element is written.
     """
     check_matmul_operands(a, b)
@@ -108,7 +109,9 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
     keep = keep.view(torch.uint8)
 
     with run_in_interpreter_dtype(out, a, b) as (out_, a, b):
-        config = _config(mask_block, interpreting())
+        config = config or _config(mask_block, interpreting())
+        if mask_block[0] % config["BLOCK_M"] or mask_block[1] % config["BLOCK_N"]:
+            raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
         sparse_output_matmul_kernel[grid](
             a,

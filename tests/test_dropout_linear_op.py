@@ -124,10 +124,10 @@ def test_needs_input_grad_subsets():
 
 
 def test_reference_path_matches_kernels(monkeypatch):
-    """CPU tensors without the interpreter run the pure-PyTorch path: same results."""
+    """The pure-PyTorch path (CPU tensors without the interpreter) gives the kernels' results."""
     torch.manual_seed(0)
-    x, w, b = (t.detach().cpu() for t in _inputs((70,), 90, 30, torch.float32))
-    mask = draw_block_mask(70, 90, 0.5, (32, 32))
+    x, w, b = (t.detach() for t in _inputs((70,), 90, 30, torch.float32))
+    mask = draw_block_mask(70, 90, 0.5, (32, 32), device=DEVICE)
     results = []
     for kernels in (True, False):
         monkeypatch.setattr(op_module, "_use_kernels", lambda t, k=kernels: k)

@@ -114,3 +114,14 @@ def test_launchers_reject_bad_operands():
         sparse_output_matmul(f32, f32, mask.tiles()[:1], mask.block, mask.scale)
     with pytest.raises(TypeError, match="keep must be"):
         sparse_output_matmul(f32, f32, mask.tiles().float(), mask.block, mask.scale)
+
+
+def test_kernel_tiles_must_divide_the_mask_block():
+    """A tile larger than the mask's block would change which elements are dropped."""
+    f32 = torch.randn(64, 64, device=DEVICE)
+    mask = draw_block_mask(64, 64, 0.5, (16, 16), device=DEVICE)
+    config = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="must divide the mask's block"):
+        _launch_input(f32, f32, mask, config=config)
+    with pytest.raises(ValueError, match="must divide the mask's block"):
+        sparse_output_matmul(f32, f32, mask.tiles(), mask.block, mask.scale, config=config)
