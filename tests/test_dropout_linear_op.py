@@ -203,3 +203,24 @@ def test_mask_must_fit_the_input():
 def test_devices_must_match():
     with pytest.raises(ValueError, match="one device"):
         dropout_linear(torch.randn(4, 32, device="cuda"), torch.randn(8, 32), p=0.5)
+
+
+def test_backward_saves_only_inputs_and_the_tile_index():
+    x, w, b = _inputs((4, 30), 64, 20, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dropout_linear(x, w, b, p=0.5, block=(16, 16))
+    big = [t for t in saved if t.numel() >= x.numel() // 4]
+    assert all(t.dtype == x.dtype for t in big), "no element-wise mask is saved"
+    assert sum(t.numel() for t in saved) <= x.numel() + w.numel() + 64, [tuple(t.shape) for t in saved]
+
+
+@pytest.mark.gpu
+def test_training_step_never_synchronises_with_the_host():
+    x, w, b = _inputs((8, 512), 1024, 512, torch.bfloat16)
+    dropout_linear(x, w, b, p=0.3).sum().backward()  # compile the kernels first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dropout_linear(x, w, b, p=0.3).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
