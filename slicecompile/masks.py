@@ -5,10 +5,9 @@ E[count] = (1 - p) * tiles_per_row exactly: each tile, and so each element, is k
 probability 1 - p, even when a row has only one or two tiles. Scaling kept values by
 1 / (1 - p) then makes the output unbiased. Everything is drawn on the tensor's device
 from torch's generator (torch.manual_seed reproduces it) with static shapes and no host
-synchronisation: the tensors' sizes depend only on (M, K, p, block).
+synchronisation: the tensors' sizes depend only on (M, K, block).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch
 
 @dataclass(frozen=True)
 class BlockMask:
-    """kept: (block_rows, width) int32, block-row i keeps K-tiles kept[i, :count]
+    """kept: (block_rows, tiles_per_row) int32, block-row i keeps K-tiles kept[i, :count]
     in ascending order (entries past count hold the sentinel tiles_per_row);
     count: (1,) int32 on the same device, shared by every block-row."""
 
@@ -57,14 +56,13 @@ class BlockMask:
 
 
 def draw_block_mask(rows, cols, p, block, device=None, generator=None):
-    """Draw a BlockMask over a (rows, cols) input for drop probability 0 <= p < 1."""
+    """Draw a BlockMask over a (rows, cols) input for drop probability 0 <= p < 1.
+    rows and cols may be symbolic (torch.compile with dynamic shapes): no size depends on p."""
     block_rows, per_row = -(-rows // block[0]), -(-cols // block[1])
-    expected = (1.0 - p) * per_row
-    base = math.floor(expected)
-    extra = expected - base
-    width = base + (extra > 0)
-    count = base + (torch.rand(1, device=device, generator=generator) < extra).to(torch.int32)
-    order = torch.rand(block_rows, per_row, device=device, generator=generator).argsort(dim=1)[:, :width]
-    slots = torch.arange(width, device=device)
+    rng = {} if generator is None else {"generator": generator}
+    # floor(e + u) with u ~ U[0, 1) is floor(e) or floor(e) + 1, with mean e = (1 - p) * per_row.
+    count = (torch.rand(1, device=device, **rng) + (1.0 - p) * per_row).floor().to(torch.int32)
+    order = torch.rand(block_rows, per_row, device=device, **rng).argsort(dim=1)
+    slots = torch.arange(per_row, device=device)
     kept = torch.where(slots < count, order, per_row).sort(dim=1).values.to(torch.int32)
     return BlockMask(kept, count, (rows, cols), tuple(block), float(p))

@@ -1,0 +1,347 @@
+"""Find dropout → matmul sites in a Dynamo FX graph and decide which ones to rewrite.
+
+Detection only, no mutation: `find_sites` returns one `Site` per dropout node, rewritten or
+skipped with a reason, so `explain()` and the backend share one set of decisions. A site is
+a dropout (training, constant 0 < p < 1) whose users all reach the *input* operand of a
+matmul against a 2-D weight, possibly through views. The matmul kinds are the named rows of
+PATTERNS; rewrite.py turns a matched site into the block-dropout op.
+"""
+
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+from .checks import SUPPORTED_DTYPES
+
+DROPOUT_TARGETS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
+
+# Ops between the dropout and the matmul that only rearrange elements: block dropout is
+# defined on the matmul's operand, so any of them may sit in between. Gathers, slices and
+# expands are not followed (they drop or duplicate elements).
+VIEW_METHODS = {"view", "reshape", "flatten", "unflatten", "transpose", "t", "permute", "contiguous", "squeeze"}
+VIEW_METHODS |= {"unsqueeze", "view_as", "reshape_as"}
+VIEW_FUNCTIONS = {
+    torch.reshape,
+    torch.flatten,
+    torch.unflatten,
+    torch.transpose,
+    torch.t,
+    torch.permute,
+    torch.squeeze,
+    torch.unsqueeze,
+}
+
+
+@dataclass
+class Site:
+    """One dropout in the graph and what the pass decided about it."""
+
+    name: str  # the dropout node
+    module: str  # module path of the dropout, "" for a functional call in the top-level forward
+    location: str  # file:line of the dropout call
+    p: float | None
+    consumer: str  # the matmul kind(s), or what else used the dropout
+    pattern: str | None  # the PATTERNS row that matched, if any
+    input_shape: tuple  # the dropout input's shape (dynamic sizes at their first-seen value)
+    dtype: str
+    device: str
+    gemms: tuple = ()  # (M, K, N) per consuming matmul
+    rewritten: bool = False
+    reason: str = ""
+    node: Node | None = field(default=None, repr=False)  # the dropout node, for rewrite.py
+    matches: list = field(default_factory=list, repr=False)  # (consumer node, Match), for rewrite.py
+
+    @property
+    def dense_flops(self):
+        """Forward + both backward GEMMs, dense."""
+        return sum(6 * m * k * n for m, k, n in self.gemms)
+
+    @property
+    def saved_flops(self):
+        """Expected FLOPs skipped: a fraction p of each of the three GEMMs."""
+        return round(self.p * self.dense_flops) if self.rewritten else 0
+
+
+class Match(NamedTuple):
+    """How a matmul consumes the dropout: F.linear's operands (weight may be a view of the
+    matmul's right operand) and the GEMM size."""
+
+    operand: Node
+    weight: Node  # (N, K) as in F.linear, or (K, N) when weight_transposed
+    weight_transposed: bool
+    bias: Node | None
+    gemm: tuple
+    batched: bool = False  # weight is B of a batched (..., K, N) matmul with the operand's batch dims
+    dtype: torch.dtype | None = None  # what the matmul computes in: its output's dtype (autocast's, under autocast)
+
+
+class Pattern(NamedTuple):
+    """A named row: which calls it covers, which argument is the dropped operand, and a
+    filter that returns a Match or the reason to skip."""
+
+    name: str
+    functions: frozenset
+    methods: frozenset
+    operand_index: int
+    match: Callable  # (node, operand) -> Match | str
+
+
+def _meta(node):
+    value = node.meta.get("example_value") if isinstance(node, Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _hint(size):
+    """A concrete size, without adding a guard: a dynamic size counts at its first-seen value."""
+    if isinstance(size, torch.SymInt):
+        return size.node.hint if size.node.hint is not None else 0
+    return int(size)
+
+
+def _shape(node):
+    value = _meta(node)
+    return tuple(_hint(s) for s in value.shape) if value is not None else ()
+
+
+def _arg(node, index, name, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _gemm(operand, right_shape_kn):
+    shape = _shape(operand)
+    k, n = right_shape_kn
+    m = 1
+    for size in shape[:-1]:
+        m *= size
+    return (m, k, n)
+
+
+def _match_linear(node, operand):
+    weight, bias = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    if len(_shape(weight)) != 2:
+        return "no shape information for the weight"
+    n, k = _shape(weight)
+    return Match(operand, weight, False, bias, _gemm(operand, (k, n)))
+
+
+def _match_right_2d(node, operand, right_index=1):
+    right = _arg(node, right_index, "mat2", _arg(node, right_index, "other"))
+    if len(_shape(operand)) < 2 or len(_shape(right)) < 2:
+        return "matrix-vector product (a 1-D operand)"
+    if len(_shape(right)) != 2:
+        return _match_batched(operand, right)
+    return Match(operand, right, True, None, _gemm(operand, _shape(right)))
+
+
+def _match_addmm(node, operand):
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return "addmm with beta or alpha other than 1"
+    match = _match_right_2d(node, operand, right_index=2)
+    return match if isinstance(match, str) else match._replace(bias=node.args[0])
+
+
+def _match_batched(operand, right):
+    left_shape, right_shape = _shape(operand), _shape(right)
+    if len(left_shape) < 3 or len(right_shape) < 3:
+        return "batched matmul against a 2-D operand"
+    if left_shape[:-2] != right_shape[:-2]:
+        return "batched matmul with broadcast batch dims"
+    return Match(operand, right, False, None, _gemm(operand, right_shape[-2:]), batched=True)
+
+
+def _match_bmm(node, operand):
+    return _match_batched(operand, _arg(node, 1, "mat2"))
+
+
+PATTERNS = (
+    Pattern("dropout_linear", frozenset({F.linear, torch._C._nn.linear}), frozenset(), 0, _match_linear),
+    Pattern(
+        "dropout_matmul",
+        frozenset({torch.matmul, operator.matmul, torch.Tensor.matmul, torch.mm, torch.Tensor.mm}),
+        frozenset({"matmul", "__matmul__", "mm"}),
+        0,
+        _match_right_2d,
+    ),
+    Pattern("dropout_addmm", frozenset({torch.addmm}), frozenset({"addmm"}), 1, _match_addmm),
+    Pattern("dropout_bmm", frozenset({torch.bmm, torch.Tensor.bmm}), frozenset({"bmm"}), 0, _match_bmm),
+)
+
+
+def _pattern_of(node):
+    for pattern in PATTERNS:
+        if (node.op == "call_function" and node.target in pattern.functions) or (
+            node.op == "call_method" and node.target in pattern.methods
+        ):
+            return pattern
+    return None
+
+
+def _is_view(node):
+    return (node.op == "call_method" and node.target in VIEW_METHODS) or (
+        node.op == "call_function" and node.target in VIEW_FUNCTIONS
+    )
+
+
+def _describe(node):
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def is_dropout(node):
+    return node.op == "call_function" and node.target in DROPOUT_TARGETS
+
+
+def _consumers(dropout):
+    """(matmul node, pattern, operand) for every use, following views, and, if some use is not
+    a matmul input, (what uses it, why that rules the site out)."""
+    found, frontier = [], [dropout]
+    while frontier:
+        value = frontier.pop()
+        for user in value.users:
+            if _is_view(user) and user.args and user.args[0] is value:
+                frontier.append(user)
+                continue
+            pattern, name = _pattern_of(user), _describe(user)
+            if pattern is None:
+                return found, (name, f"used by {name} (not a matmul input)")
+            operands = [i for i, arg in enumerate(user.args) if arg is value] + [
+                key for key, arg in user.kwargs.items() if arg is value
+            ]
+            if operands != [pattern.operand_index]:
+                return found, (name, f"used by {name} as another operand than its input")
+            found.append((user, pattern, value))
+    return found, None
+
+
+def _flag_reason(dropout, options):
+    """Why a dropout's own arguments rule it out, or None."""
+    p = _arg(dropout, 1, "p", 0.5)
+    training = _arg(dropout, 2, "training" if dropout.target is not torch.dropout else "train", True)
+    if training is not True:
+        return "eval mode (training=False)" if training is False else "training flag is not a constant"
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        return "p is not a constant"
+    if p == 0:
+        return "p = 0 (dropout is the identity)"
+    if not 0 < p < 1:
+        return f"p = {p} is outside (0, 1)"
+    if not options.enabled:
+        return "disabled by options"
+    if _arg(dropout, 3, "inplace", False) is True:
+        source = dropout.args[0]
+        if source.op == "placeholder" or len(source.users) > 1:
+            return "in-place dropout whose input is read elsewhere"
+    return None
+
+
+def _operand_reason(dropout, matches, options):
+    """Why the matched matmuls rule the site out (dtype, device, autocast, size), or None."""
+    if len({m.operand for _, m in matches}) > 1:
+        return "feeds matmuls through different views"
+    if len({m.batched for _, m in matches}) > 1:
+        return "feeds both batched and plain matmuls"
+    x = _meta(dropout.args[0])
+    if x is None:
+        return "no shape information"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"unsupported dtype {x.dtype}"
+    if x.device.type not in ("cuda", "cpu"):
+        return f"unsupported device {x.device.type}"
+    for _, match in matches:
+        # Under autocast the matmul computes in its output's dtype; the rewrite casts the
+        # operands to it, as autocast would.
+        if match.dtype not in SUPPORTED_DTYPES:
+            return f"unsupported matmul dtype {match.dtype}"
+        if any(t is not None and t.dtype not in SUPPORTED_DTYPES for t in (_meta(match.weight), _meta(match.bias))):
+            return "unsupported weight or bias dtype"
+        if isinstance(match.bias, Node) and _meta(match.bias) is not None and _shape(match.bias) != match.gemm[2:]:
+            return "bias is not a vector of out_features"
+    size = sum(m * k * n for m, k, n in (match.gemm for _, match in matches))
+    if size < options.min_gemm_size:
+        return f"GEMM too small (M*K*N = {size} < min_gemm_size = {options.min_gemm_size})"
+    return None
+
+
+def _site(dropout):
+    x = _meta(dropout.args[0])
+    p = _arg(dropout, 1, "p", 0.5)
+    return Site(
+        name=dropout.name,
+        module=_module_path(dropout),
+        location=_location(dropout),
+        p=float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else None,
+        consumer="",
+        pattern=None,
+        input_shape=_shape(dropout.args[0]),
+        dtype=str(x.dtype).replace("torch.", "") if x is not None else "?",
+        device=x.device.type if x is not None else "?",
+        node=dropout,
+    )
+
+
+def decide(dropout, options):
+    """The Site record for one dropout node: rewritten=True means rewrite.py may apply it."""
+    site = _site(dropout)
+    consumers, blocker = _consumers(dropout)
+    site.consumer = blocker[0] if blocker else "+".join(_describe(node) for node, _, _ in consumers)
+    site.reason = _flag_reason(dropout, options) or (blocker[1] if blocker else None)
+    if not consumers and not site.reason:
+        site.reason = "result unused"
+    for node, pattern, operand in consumers:
+        site.pattern = site.pattern or pattern.name
+        match = pattern.match(node, operand)
+        if isinstance(match, str):
+            site.pattern, site.reason = pattern.name, site.reason or match
+            break
+        out = _meta(node)
+        site.matches.append((node, match._replace(dtype=None if out is None else out.dtype)))
+        site.pattern = "dropout_bmm" if match.batched else site.pattern
+    site.gemms = tuple(match.gemm for _, match in site.matches)
+    site.reason = site.reason or _operand_reason(dropout, site.matches, options)
+    site.rewritten = not site.reason
+    site.reason = site.reason or "rewritten"
+    return site
+
+
+def find_sites(gm, options):
+    """Every dropout in gm, each with the pass's decision (no mutation). Dropouts inside
+    higher-order-op subgraphs (activation checkpointing, control flow) are listed as skipped."""
+    sites = [decide(node, options) for node in gm.graph.nodes if is_dropout(node)]
+    for name, sub in gm.named_modules():
+        if sub is gm or not isinstance(sub, torch.fx.GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            if is_dropout(node):
+                site = decide(node, options)
+                site.rewritten, site.matches = False, []
+                site.reason = f"inside the subgraph {name} of a higher-order op (e.g. checkpointing): not supported yet"
+                sites.append(site)
+    return sites
+
+
+def _module_path(node):
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]  # e.g. "L['self'].layers[0].dropout"
+    path = re.sub(r"^[LG]\['[^']*'\]", "", path)  # the frame's local or global the module came from
+    return re.sub(r"\['?([^'\]]*)'?\]", r".\1", path).replace("_modules.", "").strip(".")
+
+
+def _location(node):
+    trace = node.meta.get("stack_trace") or ""
+    frames = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
+    if not frames:
+        return ""
+    parts = frames[-1].split('"')
+    filename = parts[1].rsplit("/", 1)[-1] if len(parts) > 2 else "?"
+    line = frames[-1].split("line ")[-1].split(",")[0]
+    return f"{filename}:{line}"

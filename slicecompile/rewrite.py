@@ -1,0 +1,105 @@
+"""Rewrite the sites fx_pass decided on: each dropout → matmul becomes one mask draw and one
+block-dropout op per matmul (dropout_linear_op for a 2-D weight, dropout_bmm for a batched one).
+
+The replacements are plain Python functions called from the graph; compile_fx retraces the
+graph with make_fx, which traces them into their torch ops (rand, argsort, the custom op),
+so the mask is drawn inside the compiled graph from torch's generator, with no host sync.
+"""
+
+import contextlib
+import operator
+
+from torch._guards import detect_fake_mode
+
+from .dropout_bmm import draw_batched_block_mask, dropout_bmm_with_mask
+from .dropout_linear_op import dropout_linear_with_mask
+from .masks import BlockMask, draw_block_mask
+
+
+def draw_site_mask(x, p, block):
+    """One mask over x flattened to (M, K); every matmul of the site shares it, as they would
+    share an element-wise dropout's mask."""
+    in_features = x.shape[-1]
+    mask = draw_block_mask(x.numel() // in_features, in_features, p, block, device=x.device)
+    return mask.kept, mask.count
+
+
+def draw_batched_site_mask(a, p, block):
+    """One mask per (M, K) matrix of a (..., M, K), for a batched matmul."""
+    m, k = a.shape[-2:]
+    mask = draw_batched_block_mask(a.numel() // (m * k), m, k, p, block, device=a.device)
+    return mask.kept, mask.count
+
+
+def bmm_under_mask(a, b, kept, count, p, block, dtype):
+    """a @ b (same batch dims) in dtype, with a block-dropped by the batched mask (kept, count)."""
+    m, k = a.shape[-2:]
+    rows = a.numel() // (m * k) * -(-m // block[0]) * block[0]
+    return dropout_bmm_with_mask(a.to(dtype), b.to(dtype), BlockMask(kept, count, (rows, k), tuple(block), p))
+
+
+def linear_under_mask(x, weight, bias, kept, count, p, block, dtype):
+    """F.linear(x, weight, bias) in dtype, with x block-dropped by the mask (kept, count)."""
+    in_features = x.shape[-1]
+    mask = BlockMask(kept, count, (x.numel() // in_features, in_features), tuple(block), p)
+    bias = None if bias is None else bias.to(dtype)
+    return dropout_linear_with_mask(x.to(dtype), weight.to(dtype), bias, mask)
+
+
+def _example_value(node, fn, *args):
+    """Dynamo's fake-tensor metadata for a new node, so later passes can read shapes;
+    computed from the inputs' fake tensors (their ops run in the fake mode)."""
+    values = [a.meta.get("example_value") if hasattr(a, "meta") else a for a in args]
+    try:
+        with detect_fake_mode(values) or contextlib.nullcontext():  # factories (rand) must be fake too
+            node.meta["example_value"] = fn(*values)
+    except Exception:  # metadata only: the pass stays correct without it
+        node.meta.pop("example_value", None)
+
+
+def rewrite_site(graph, site, block):
+    """Replace one decided site (site.rewritten) in graph, which holds site.node."""
+    dropout, p = site.node, site.p
+    source = dropout.args[0]
+    consumers = [consumer for consumer, _ in site.matches]
+    operand = site.matches[0][1].operand
+    operand = source if operand is dropout else operand
+    dropout.replace_all_uses_with(source)
+    graph.erase_node(dropout)
+
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    batched = site.matches[0][1].batched
+    draw, under_mask = (draw_batched_site_mask, bmm_under_mask) if batched else (draw_site_mask, linear_under_mask)
+    with graph.inserting_before(min(consumers, key=order.__getitem__)):
+        mask = graph.call_function(draw, (operand, p, block))
+        _example_value(mask, draw, operand, p, block)
+        kept, count = (graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
+        for i, node in enumerate((kept, count)):
+            node.meta["example_value"] = (mask.meta.get("example_value") or (None, None))[i]
+
+    for consumer, match in site.matches:
+        with graph.inserting_before(consumer):
+            weight = match.weight
+            if match.weight_transposed:
+                weight = graph.call_method("t", (weight,))
+                _example_value(weight, lambda w: w.t(), match.weight)
+            if batched:
+                args = (operand, weight, kept, count, p, block, match.dtype)
+            else:
+                args = (operand, weight, match.bias, kept, count, p, block, match.dtype)
+            replacement = graph.call_function(under_mask, args)
+        for key in ("example_value", "stack_trace", "nn_module_stack"):
+            if key in consumer.meta:
+                replacement.meta[key] = consumer.meta[key]
+        consumer.replace_all_uses_with(replacement)
+        graph.erase_node(consumer)
+
+
+def rewrite(gm, sites, block):
+    """Apply every site marked rewritten; returns how many were applied."""
+    applied = [site for site in sites if site.rewritten]
+    for site in applied:
+        rewrite_site(gm.graph, site, block)
+    gm.graph.lint()
+    gm.recompile()
+    return len(applied)

@@ -1,0 +1,102 @@
+"""Small modules written the way other code bases write them (torch.nn, T5, timm's ViT,
+classifier heads, attention), each wrapped in a user-defined module: Dynamo does not
+trace torch.nn's own classes as top-level frames."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+D, HIDDEN, HEADS, CLASSES = 32, 64, 4, 16
+
+
+class TorchEncoderLayer(nn.Module):
+    """torch.nn.TransformerEncoderLayer: its FFN is linear → activation → dropout → linear."""
+
+    def __init__(self, p=0.1):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(D, HEADS, HIDDEN, dropout=p, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class T5DenseActDense(nn.Module):
+    """transformers' T5DenseActDense with its residual wrapper (T5LayerFF)."""
+
+    def __init__(self, p=0.1):
+        super().__init__()
+        self.wi = nn.Linear(D, HIDDEN, bias=False)
+        self.wo = nn.Linear(HIDDEN, D, bias=False)
+        self.dropout = nn.Dropout(p)
+        self.layer_norm = nn.LayerNorm(D)
+
+    def forward(self, x):
+        hidden = self.dropout(F.relu(self.wi(self.layer_norm(x))))
+        if hidden.dtype != self.wo.weight.dtype:
+            hidden = hidden.to(self.wo.weight.dtype)
+        return x + self.dropout(self.wo(hidden))
+
+
+class VitMlp(nn.Module):
+    """timm's Mlp: fc1 → act → drop1 → norm (Identity) → fc2 → drop2."""
+
+    def __init__(self, p=0.1):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(D, HIDDEN), nn.GELU(), nn.Dropout(p)
+        self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(HIDDEN, D), nn.Dropout(p)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class ClassifierHead(nn.Module):
+    """Pooled features → dropout → linear, as in torchvision/timm heads."""
+
+    def __init__(self, p=0.2):
+        super().__init__()
+        self.head_drop = nn.Dropout(p)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.head_drop(x.mean(dim=1)))
+
+
+class Attention(nn.Module):
+    """timm's Attention without fused attention: attention-probability dropout → @ v."""
+
+    def __init__(self, p=0.1):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.attn_drop, self.proj_drop = nn.Dropout(p), nn.Dropout(p)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, HEADS, C // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * (C // HEADS) ** -0.5) @ k.transpose(-2, -1)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+# name: (module class, [(module path, the pass's reason) per dropout site, in graph order])
+EXPECTED = {
+    "torch_encoder_layer": (
+        TorchEncoderLayer,
+        [
+            ("layer.dropout1", "used by add (not a matmul input)"),
+            ("layer.dropout", "rewritten"),
+            ("layer.dropout2", "used by add (not a matmul input)"),
+        ],
+    ),
+    "t5_ffn": (T5DenseActDense, [("dropout", "rewritten"), ("dropout", "used by add (not a matmul input)")]),
+    "vit_mlp": (VitMlp, [("drop1", "rewritten"), ("drop2", "used by output (not a matmul input)")]),
+    "classifier_head": (ClassifierHead, [("head_drop", "rewritten")]),
+    "attention": (
+        Attention,
+        [("attn_drop", "rewritten"), ("proj_drop", "used by output (not a matmul input)")],
+    ),
+}
+
+
+def example_input(batch=2, tokens=8):
+    return torch.randn(batch, tokens, D)
