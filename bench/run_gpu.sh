@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# On a CUDA machine with torch and triton installed: install slicecompile in place, run the
-# test suite on the GPU, then the dropout_linear benchmark (main shape, and the block sweep
-# behind DEFAULT_BLOCK). Logs go to ${OUT:-bench/results}.
+# On a CUDA machine with torch and triton installed: install slicecompile in place, then run
+# the named parts (default: all) — tests: the test suite on the GPU and the demo; kernels: the
+# dropout_linear benchmark and the block sweep behind DEFAULT_BLOCK; encoder: the 4-layer
+# encoder training step. CSV rows go to bench/results/, logs to ${OUT:-bench/results}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+parts=${*:-tests kernels encoder}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$out/pytest_gpu.log" | tail -15
-python3 -m slicecompile demo 2>&1 | tee "$out/demo_gpu.log"
-python3 bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0 0.5 2>&1 | tee "$out/bench_main.log"
-python3 bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0.5 --providers dense slicecompile \
-    --blocks 64,64 64,128 128,64 128,128 256,128 128,256 --csv dropout_linear_blocks.csv 2>&1 | tee "$out/bench_blocks.log"
+for part in $parts; do
+  case $part in
+    tests)
+      python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$out/pytest_gpu.log" | tail -15
+      python3 -m slicecompile demo 2>&1 | tee "$out/demo_gpu.log" ;;
+    kernels)
+      python3 bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0 0.5 2>&1 | tee "$out/bench_main.log"
+      python3 bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0.5 --providers dense slicecompile \
+        --blocks 64,64 64,128 128,64 128,128 256,128 128,256 --csv dropout_linear_blocks.csv 2>&1 \
+        | tee "$out/bench_blocks.log" ;;
+    encoder)
+      python3 bench/bench_encoder.py --steps 50 2>&1 | tee "$out/bench_encoder.log" ;;
+  esac
+done
 cp bench/results/*.csv "$out/" 2>/dev/null || true

@@ -1,0 +1,126 @@
+"""End-to-end training step of a 4-layer nn.TransformerEncoder (d_model 1024, FFN 4096,
+dropout 0.5, 8192 tokens a step, bf16 autocast, AdamW) under eager, backend="inductor" and
+backend="slicecompile": step time (median over timed steps, CUDA events) and the loss over
+the run, so one sees that the model trains. Appends rows to bench/results/encoder.csv.
+
+    python bench/bench_encoder.py --steps 50
+"""
+
+import argparse
+import csv
+import datetime
+import pathlib
+import statistics
+
+import torch
+import torch.nn as nn
+import triton
+
+import slicecompile
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+FIELDS = "gpu backend p layers d_model ffn tokens step_ms loss_first loss_last torch triton timestamp".split()
+
+
+class Encoder(nn.Module):
+    """A user-defined wrapper: Dynamo does not trace torch.nn's own classes as top-level frames."""
+
+    def __init__(self, d_model, ffn, layers, p):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, 16, ffn, dropout=p, activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def train(backend, args, batches):
+    torch.manual_seed(0)
+    model = Encoder(args.d_model, args.ffn, args.layers, args.p).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step_fn = model if backend == "eager" else torch.compile(model, backend=backend)
+
+    def step(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.mse_loss(step_fn(x).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    losses, times = [], []
+    for i in range(args.steps):
+        x, y = batches[i % len(batches)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = step(x, y)
+        end.record()
+        end.synchronize()
+        losses.append(loss.item())
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[args.warmup :]), losses
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
+    parser.add_argument("--p", type=float, default=0.5)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=1024)
+    parser.add_argument("--ffn", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--backends", nargs="+", default=["eager", "inductor", "slicecompile"])
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    teacher = nn.Linear(args.d_model, args.d_model).cuda()
+    batches = []
+    for _ in range(4):
+        x = torch.randn(args.batch, args.seq, args.d_model, device="cuda")
+        batches.append((x, teacher(x).detach().tanh()))
+
+    probe = Encoder(args.d_model, args.ffn, args.layers, args.p).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        print(slicecompile.explain(probe, batches[0][0]))
+
+    gpu = torch.cuda.get_device_name()
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "encoder.csv"
+    new = not out.exists()
+    print(
+        f"\n{gpu}: {args.layers}-layer encoder, d_model {args.d_model}, FFN {args.ffn}, p {args.p}, "
+        f"{args.batch * args.seq} tokens/step, bf16 autocast, {args.steps} steps"
+    )
+    print(f"{'backend':<14}{'step ms':>9}{'loss first':>12}{'loss last':>11}")
+    with open(out, "a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+        for backend in args.backends:
+            step_ms, losses = train(backend, args, batches)
+            print(f"{backend:<14}{step_ms:>9.2f}{losses[0]:>12.4f}{losses[-1]:>11.4f}")
+            writer.writerow(
+                dict(
+                    gpu=gpu,
+                    backend=backend,
+                    p=args.p,
+                    layers=args.layers,
+                    d_model=args.d_model,
+                    ffn=args.ffn,
+                    tokens=args.batch * args.seq,
+                    step_ms=f"{step_ms:.3f}",
+                    loss_first=f"{losses[0]:.5f}",
+                    loss_last=f"{losses[-1]:.5f}",
+                    torch=torch.__version__,
+                    triton=triton.__version__,
+                    timestamp=stamp,
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()
