@@ -3,7 +3,9 @@
 Providers: dense (F.linear), dropout_eager (F.dropout + F.linear), dropout_inductor (the same
 under torch.compile), limit (F.linear on the kept K width: the work that must be done),
 slicecompile (dropout_linear, eager) and slicecompile_inductor (the same under torch.compile,
-where Inductor fuses the mask drawing). Modes: fwd, full (forward + backward). Prints a table and
+where Inductor fuses the mask drawing), and dropout_cudagraphs / slicecompile_cudagraphs (the
+compiled versions replayed as CUDA graphs, mode="reduce-overhead": GPU time without the host's
+launch overhead). Modes: fwd, full (forward + backward). Prints a table and
 appends rows to bench/results/<--csv>.
 
     python bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0 0.5
@@ -39,6 +41,11 @@ def providers(x, w, p, block):
         "limit": (lambda: F.linear(x_kept, w_kept), [x_kept, w_kept]),
         "slicecompile": (lambda: slicecompile.dropout_linear(x, w, p=p, block=block), [x, w]),
         "slicecompile_inductor": (torch.compile(lambda: slicecompile.dropout_linear(x, w, p=p, block=block)), [x, w]),
+        "dropout_cudagraphs": (torch.compile(eager, mode="reduce-overhead"), [x, w]),
+        "slicecompile_cudagraphs": (
+            torch.compile(lambda: slicecompile.dropout_linear(x, w, p=p, block=block), mode="reduce-overhead"),
+            [x, w],
+        ),
     }
 
 

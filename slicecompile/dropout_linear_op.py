@@ -19,7 +19,7 @@ from torch import Tensor
 from . import reference
 from .checks import check_block, check_linear_operands, check_mask_fits, check_p
 from .kernels import interpreting, sparse_input_matmul, sparse_output_matmul
-from .masks import BlockMask, draw_block_mask
+from .masks import BlockMask, column_index, draw_block_mask, expand_tiles
 
 # (BM, BK) = (128, 128): SparseDrop's tile. With BM = 128 the kernels use full 128-row
 # tiles; see bench/results for the block sweep this default rests on.
@@ -38,41 +38,60 @@ def _mask(kept, count, shape, block_m, block_k, p):
     return BlockMask(kept, count, tuple(shape), (block_m, block_k), p)
 
 
+def _scale(p):
+    return 1.0 / (1.0 - p)
+
+
 @torch.library.custom_op("slicecompile::block_dropout_linear", mutates_args=())
 def block_dropout_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
 ) -> Tensor:
-    """(x ⊙ mask) @ weightᵀ / (1 - p) + bias for 2-D x (M, K)."""
+    """(x ⊙ mask) @ weightᵀ / (1 - p) + bias for 2-D x (M, K); the mask is (kept, count)."""
     mask = _mask(kept, count, x.shape, block_m, block_k, p)
     if not _use_kernels(x):
-        return reference.forward(x, weight, bias, mask)
+        return reference.forward(x, weight, bias, mask.elements(), mask.scale)
     return sparse_input_matmul(x, weight.t(), kept, count, mask.block, mask.scale, bias=bias, allow_tf32=_allow_tf32())
 
 
 @torch.library.custom_op("slicecompile::block_dropout_linear_grad_input", mutates_args=())
 def block_dropout_linear_grad_input(
-    grad_out: Tensor, weight: Tensor, kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
+    grad_out: Tensor, weight: Tensor, tiles: Tensor, block_m: int, block_k: int, p: float
 ) -> Tensor:
-    """(grad_out @ weight) ⊙ mask / (1 - p), shape (M, K)."""
-    mask = _mask(kept, count, (grad_out.shape[0], weight.shape[1]), block_m, block_k, p)
+    """(grad_out @ weight) ⊙ mask / (1 - p), shape (M, K); the mask is the tile table."""
+    block = (block_m, block_k)
     if not _use_kernels(grad_out):
-        return reference.grad_input(grad_out, weight, mask)
-    return sparse_output_matmul(grad_out, weight, mask.tiles(), mask.block, mask.scale, allow_tf32=_allow_tf32())
+        elements = expand_tiles(tiles, block, (grad_out.shape[0], weight.shape[1]))
+        return reference.grad_input(grad_out, weight, elements, _scale(p))
+    return sparse_output_matmul(grad_out, weight, tiles, block, _scale(p), allow_tf32=_allow_tf32())
 
 
 @torch.library.custom_op("slicecompile::block_dropout_linear_grad_weight", mutates_args=())
 def block_dropout_linear_grad_weight(
-    grad_out: Tensor, x: Tensor, kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
+    grad_out: Tensor,
+    x: Tensor,
+    tiles: Tensor,
+    col_rows: Tensor,
+    col_count: Tensor,
+    block_m: int,
+    block_k: int,
+    p: float,
 ) -> Tensor:
-    """grad_outᵀ @ (x ⊙ mask) / (1 - p), shape (N, K)."""
-    mask = _mask(kept, count, x.shape, block_m, block_k, p)
+    """grad_outᵀ @ (x ⊙ mask) / (1 - p), shape (N, K); the mask is the tile table and its
+    column index (masks.column_index)."""
     if not _use_kernels(x):
-        return reference.grad_weight(grad_out, x, mask)
+        elements = expand_tiles(tiles, (block_m, block_k), x.shape)
+        return reference.grad_weight(grad_out, x, elements, _scale(p))
     # dWᵀ = (x ⊙ mask)ᵀ @ dY: the same block-sparse-input GEMM over the mask's columns.
-    rows, counts = mask.columns()
     grad_weight = torch.empty(grad_out.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
     sparse_input_matmul(
-        x.t(), grad_out, rows, counts, mask.block[::-1], mask.scale, out=grad_weight.t(), allow_tf32=_allow_tf32()
+        x.t(),
+        grad_out,
+        col_rows,
+        col_count,
+        (block_k, block_m),
+        _scale(p),
+        out=grad_weight.t(),
+        allow_tf32=_allow_tf32(),
     )
     return grad_weight
 
@@ -83,12 +102,12 @@ def _(x, weight, bias, kept, count, block_m, block_k, p):
 
 
 @block_dropout_linear_grad_input.register_fake
-def _(grad_out, weight, kept, count, block_m, block_k, p):
+def _(grad_out, weight, tiles, block_m, block_k, p):
     return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
 
 
 @block_dropout_linear_grad_weight.register_fake
-def _(grad_out, x, kept, count, block_m, block_k, p):
+def _(grad_out, x, tiles, col_rows, col_count, block_m, block_k, p):
     return x.new_empty(grad_out.shape[1], x.shape[1])
 
 
@@ -100,12 +119,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    """The tile table and its column index are derived here in plain torch ops, which
+    torch.compile traces and fuses; the GEMMs are ops of their own."""
     x, weight, kept, count = ctx.saved_tensors
+    tiles = _mask(kept, count, x.shape, *ctx.mask_args).tiles()
     grad_x = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = block_dropout_linear_grad_input(grad_out, weight, kept, count, *ctx.mask_args)
+        grad_x = block_dropout_linear_grad_input(grad_out, weight, tiles, *ctx.mask_args)
     if ctx.needs_input_grad[1]:
-        grad_weight = block_dropout_linear_grad_weight(grad_out, x, kept, count, *ctx.mask_args)
+        grad_weight = block_dropout_linear_grad_weight(grad_out, x, tiles, *column_index(tiles), *ctx.mask_args)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = reference.grad_bias(grad_out)
     return grad_x, grad_weight, grad_bias, None, None, None, None, None

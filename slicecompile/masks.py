@@ -42,17 +42,26 @@ class BlockMask:
         return table[:, :cols]
 
     def columns(self):
-        """The transposed index: (tiles_per_row, block_rows) int32 block-rows that keep each
-        K-tile, kept rows first and ascending, and (tiles_per_row,) int32 counts."""
-        dropped = (~self.tiles()).t().contiguous().to(torch.uint8)
-        rows = torch.sort(dropped, dim=1, stable=True).indices.to(torch.int32)
-        count = (1 - dropped).sum(dim=1, dtype=torch.int32)
-        return rows, count
+        """column_index(self.tiles())."""
+        return column_index(self.tiles())
 
     def elements(self):
         """(M, K) bool element-wise mask, for references and tests."""
-        full = self.tiles().repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
-        return full[: self.shape[0], : self.shape[1]]
+        return expand_tiles(self.tiles(), self.block, self.shape)
+
+
+def column_index(tiles):
+    """The transposed index of a (block_rows, tiles_per_row) bool table: (tiles_per_row,
+    block_rows) int32 block-rows that keep each K-tile, kept rows first and ascending, and
+    (tiles_per_row,) int32 counts."""
+    rows = torch.sort(tiles.t().to(torch.uint8), dim=1, descending=True, stable=True).indices.to(torch.int32)
+    return rows, tiles.sum(dim=0, dtype=torch.int32)
+
+
+def expand_tiles(tiles, block, shape):
+    """The (M, K) = shape bool element-wise mask of a (block_rows, tiles_per_row) tile table."""
+    full = tiles.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return full[: shape[0], : shape[1]]
 
 
 def draw_block_mask(rows, cols, p, block, device=None, generator=None):
@@ -60,9 +69,12 @@ def draw_block_mask(rows, cols, p, block, device=None, generator=None):
     rows and cols may be symbolic (torch.compile with dynamic shapes): no size depends on p."""
     block_rows, per_row = -(-rows // block[0]), -(-cols // block[1])
     rng = {} if generator is None else {"generator": generator}
-    # floor(e + u) with u ~ U[0, 1) is floor(e) or floor(e) + 1, with mean e = (1 - p) * per_row.
-    count = (torch.rand(1, device=device, **rng) + (1.0 - p) * per_row).floor().to(torch.int32)
-    order = torch.rand(block_rows, per_row, device=device, **rng).argsort(dim=1)
+    # One draw per mask: a compiler may run independent draws in any order.
+    uniform = torch.rand(block_rows * per_row + 1, device=device, **rng)
+    # floor(e + u) with u ~ U[0, 1) is floor(e) or floor(e) + 1, with mean e = (1 - p) * per_row
+    # (the int32 conversion truncates, which is floor for these non-negative values).
+    count = (uniform[-1:] + (1.0 - p) * per_row).to(torch.int32)
+    order = uniform[:-1].view(block_rows, per_row).argsort(dim=1)
     slots = torch.arange(per_row, device=device)
     kept = torch.where(slots < count, order, per_row).sort(dim=1).values.to(torch.int32)
     return BlockMask(kept, count, (rows, cols), tuple(block), float(p))

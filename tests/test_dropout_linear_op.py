@@ -147,8 +147,10 @@ def test_opcheck():
     args = (x, w, b, mask.kept, mask.count, 16, 16, 0.5)
     torch.library.opcheck(ops.block_dropout_linear.default, args)
     dy = torch.randn(40, 24, device=DEVICE)
-    torch.library.opcheck(ops.block_dropout_linear_grad_input.default, (dy, w.detach(), *args[3:]))
-    torch.library.opcheck(ops.block_dropout_linear_grad_weight.default, (dy, x.detach(), *args[3:]))
+    tiles, meta = mask.tiles(), (16, 16, 0.5)
+    torch.library.opcheck(ops.block_dropout_linear_grad_input.default, (dy, w.detach(), tiles, *meta))
+    grad_weight_args = (dy, x.detach(), tiles, *mask.columns(), *meta)
+    torch.library.opcheck(ops.block_dropout_linear_grad_weight.default, grad_weight_args)
 
 
 def test_compiles_without_graph_break():
