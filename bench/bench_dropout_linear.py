@@ -41,12 +41,20 @@ def providers(x, w, p, block):
         "limit": (lambda: F.linear(x_kept, w_kept), [x_kept, w_kept]),
         "slicecompile": (lambda: slicecompile.dropout_linear(x, w, p=p, block=block), [x, w]),
         "slicecompile_inductor": (torch.compile(lambda: slicecompile.dropout_linear(x, w, p=p, block=block)), [x, w]),
-        "dropout_cudagraphs": (torch.compile(eager, mode="reduce-overhead"), [x, w]),
-        "slicecompile_cudagraphs": (
-            torch.compile(lambda: slicecompile.dropout_linear(x, w, p=p, block=block), mode="reduce-overhead"),
-            [x, w],
-        ),
+        "dropout_cudagraphs": (_graphed(eager), [x, w]),
+        "slicecompile_cudagraphs": (_graphed(lambda: slicecompile.dropout_linear(x, w, p=p, block=block)), [x, w]),
     }
+
+
+def _graphed(fn):
+    """fn compiled and replayed as CUDA graphs; each call is a new step (its outputs may be reused)."""
+    compiled = torch.compile(fn, mode="reduce-overhead")
+
+    def step():
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled()
+
+    return step
 
 
 def run(shape, p, block, dtype, device, only=None):
