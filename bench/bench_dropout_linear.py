@@ -3,9 +3,10 @@
 Providers: dense (F.linear), dropout_eager (F.dropout + F.linear), dropout_inductor (the same
 under torch.compile), limit (F.linear on the kept K width: the work that must be done),
 slicecompile (dropout_linear, eager) and slicecompile_inductor (the same under torch.compile,
-where Inductor fuses the mask drawing), and dropout_cudagraphs / slicecompile_cudagraphs (the
-compiled versions replayed as CUDA graphs, mode="reduce-overhead": GPU time without the host's
-launch overhead). Modes: fwd, full (forward + backward). Prints a table and
+where Inductor fuses the mask drawing). Modes: fwd, full (forward + backward; wall time per
+step, which includes the host's launch overhead when the host is slower than the GPU) and
+full_kernels (the summed GPU kernel time of one forward + backward, from torch.profiler: what
+the step costs once launch overhead is hidden, e.g. by CUDA graphs or a busy stream). Prints a table and
 appends rows to bench/results/<--csv>.
 
     python bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0 0.5
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 import triton
 
 import slicecompile
-from slicecompile.timing import median_ms
+from slicecompile.timing import kernel_ms, median_ms
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -41,20 +42,7 @@ def providers(x, w, p, block):
         "limit": (lambda: F.linear(x_kept, w_kept), [x_kept, w_kept]),
         "slicecompile": (lambda: slicecompile.dropout_linear(x, w, p=p, block=block), [x, w]),
         "slicecompile_inductor": (torch.compile(lambda: slicecompile.dropout_linear(x, w, p=p, block=block)), [x, w]),
-        "dropout_cudagraphs": (_graphed(eager), [x, w]),
-        "slicecompile_cudagraphs": (_graphed(lambda: slicecompile.dropout_linear(x, w, p=p, block=block)), [x, w]),
     }
-
-
-def _graphed(fn):
-    """fn compiled and replayed as CUDA graphs; each call is a new step (its outputs may be reused)."""
-    compiled = torch.compile(fn, mode="reduce-overhead")
-
-    def step():
-        torch.compiler.cudagraph_mark_step_begin()
-        return compiled()
-
-    return step
 
 
 def run(shape, p, block, dtype, device, only=None):
@@ -68,8 +56,9 @@ def run(shape, p, block, dtype, device, only=None):
             continue
         with torch.no_grad():
             fwd = median_ms(fn, device)
-        full = median_ms(lambda fn=fn: fn().backward(dy), device, grad_to_none=leaves)
-        rows += [(name, "fwd", fwd), (name, "full", full)]
+        step = lambda fn=fn: fn().backward(dy)
+        full = median_ms(step, device, grad_to_none=leaves)
+        rows += [(name, "fwd", fwd), (name, "full", full), (name, "full_kernels", kernel_ms(step, leaves))]
     return rows
 
 
@@ -99,7 +88,7 @@ def main():
         if new:
             writer.writeheader()
         print(f"{meta['gpu']}, {args.dtype}, torch {meta['torch']}, triton {meta['triton']}: median ms")
-        print(f"{'M,K,N':>16} {'p':>5} {'block':>8} {'provider':>17} {'fwd':>8} {'full':>8}")
+        print(f"{'M,K,N':>16} {'p':>5} {'block':>8} {'provider':>22} {'fwd':>8} {'full':>8} {'kernels':>8}")
         for shape in args.shapes:
             for blk in args.blocks:
                 for p in args.p:
@@ -113,7 +102,10 @@ def main():
                             meta | dict(M=M, K=K, N=N, p=p, block=blk, provider=provider, mode=mode, ms=f"{ms:.4f}")
                         )
                     for provider, ms in by_provider.items():
-                        print(f"{shape:>16} {p:>5} {blk:>8} {provider:>17} {ms['fwd']:>8.3f} {ms['full']:>8.3f}")
+                        print(
+                            f"{shape:>16} {p:>5} {blk:>8} {provider:>22} {ms['fwd']:>8.3f} {ms['full']:>8.3f}"
+                            f" {ms['full_kernels']:>8.3f}"
+                        )
                     f.flush()
 
 

@@ -1,7 +1,8 @@
 """End-to-end training step of a 4-layer nn.TransformerEncoder (d_model 1024, FFN 4096,
 dropout 0.5, 8192 tokens a step, bf16 autocast, AdamW) under eager, backend="inductor" and
-backend="slicecompile": step time (median over timed steps, CUDA events) and the loss over
-the run, so one sees that the model trains. Appends rows to bench/results/encoder.csv.
+backend="slicecompile": step time (median over timed steps, CUDA events), the summed GPU
+kernel time of a step (torch.profiler), and the loss over the run, so one sees that the model
+trains. Appends rows to bench/results/encoder.csv.
 
     python bench/bench_encoder.py --steps 50
 """
@@ -17,9 +18,10 @@ import torch.nn as nn
 import triton
 
 import slicecompile
+from slicecompile.timing import kernel_ms
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-FIELDS = "gpu backend p layers d_model ffn tokens step_ms loss_first loss_last torch triton timestamp".split()
+FIELDS = "gpu backend p layers d_model ffn tokens step_ms kernel_ms loss_first loss_last torch triton timestamp".split()
 
 
 class Encoder(nn.Module):
@@ -59,7 +61,8 @@ def train(backend, args, batches):
         end.synchronize()
         losses.append(loss.item())
         times.append(start.elapsed_time(end))
-    return statistics.median(times[args.warmup :]), losses
+    x, y = batches[0]
+    return statistics.median(times[args.warmup :]), kernel_ms(lambda: step(x, y), steps=5), losses
 
 
 def main():
@@ -95,14 +98,14 @@ def main():
         f"\n{gpu}: {args.layers}-layer encoder, d_model {args.d_model}, FFN {args.ffn}, p {args.p}, "
         f"{args.batch * args.seq} tokens/step, bf16 autocast, {args.steps} steps"
     )
-    print(f"{'backend':<14}{'step ms':>9}{'loss first':>12}{'loss last':>11}")
+    print(f"{'backend':<14}{'step ms':>9}{'kernel ms':>11}{'loss first':>12}{'loss last':>11}")
     with open(out, "a", newline="") as f:
         writer = csv.DictWriter(f, FIELDS)
         if new:
             writer.writeheader()
         for backend in args.backends:
-            step_ms, losses = train(backend, args, batches)
-            print(f"{backend:<14}{step_ms:>9.2f}{losses[0]:>12.4f}{losses[-1]:>11.4f}")
+            step_ms, gpu_ms, losses = train(backend, args, batches)
+            print(f"{backend:<14}{step_ms:>9.2f}{gpu_ms:>11.2f}{losses[0]:>12.4f}{losses[-1]:>11.4f}")
             writer.writerow(
                 dict(
                     gpu=gpu,
@@ -113,6 +116,7 @@ def main():
                     ffn=args.ffn,
                     tokens=args.batch * args.seq,
                     step_ms=f"{step_ms:.3f}",
+                    kernel_ms=f"{gpu_ms:.3f}",
                     loss_first=f"{losses[0]:.5f}",
                     loss_last=f"{losses[-1]:.5f}",
                     torch=torch.__version__,

@@ -1,5 +1,5 @@
-"""Median wall time of a callable: CUDA events through triton's do_bench on a GPU,
-perf_counter with synchronisation-free CPU code elsewhere."""
+"""Timing helpers for the demo and the benchmarks: median wall time of a callable (CUDA events
+through triton's do_bench on a GPU, perf_counter on a CPU), and the GPU kernel time of a step."""
 
 import statistics
 import time
@@ -22,3 +22,19 @@ def median_ms(fn, device, grad_to_none=None, rep_ms=200):
         fn()
         samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples)
+
+
+def kernel_ms(fn, grad_to_none=(), steps=10):
+    """Summed GPU time of the kernels one call of fn launches (torch.profiler, CUDA only),
+    averaged over steps: the cost of fn once the host's launch overhead is hidden."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            for t in grad_to_none:
+                t.grad = None
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / steps / 1000
