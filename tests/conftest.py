@@ -18,6 +18,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
+def _default_device():
+    """Tensors and modules a test makes without naming a device go to the GPU when there is one,
+    so the same suite checks the GPU paths."""
+    if DEVICE == "cpu":
+        yield
+        return
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
+
+
+@pytest.fixture(autouse=True)
 def _reset_dynamo():
     torch._dynamo.reset()
     yield

@@ -23,6 +23,7 @@ from slicecompile import draw_block_mask, dropout_linear_reference
 from slicecompile.backend import parse_options, slicecompile_backend
 from slicecompile.dropout_bmm import draw_batched_block_mask, dropout_bmm_reference
 
+from conftest import DEVICE
 from tolerance import assert_close
 
 P, BLOCK = 0.5, (16, 16)
@@ -146,7 +147,7 @@ def test_autocast_computes_in_the_autocast_dtype():
     wrapper = torch.compile(lambda x: model(x), backend=slicecompile_backend, options=OPTIONS, fullgraph=True)
     x = torch.randn(40, 32, requires_grad=True)
     torch.manual_seed(1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out = wrapper(x)
     out.float().sum().backward()
     torch.manual_seed(1)

@@ -204,7 +204,7 @@ def test_mask_must_fit_the_input():
 @pytest.mark.gpu
 def test_devices_must_match():
     with pytest.raises(ValueError, match="one device"):
-        dropout_linear(torch.randn(4, 32, device="cuda"), torch.randn(8, 32), p=0.5)
+        dropout_linear(torch.randn(4, 32, device="cuda"), torch.randn(8, 32, device="cpu"), p=0.5)
 
 
 def test_backward_saves_only_inputs_and_the_tile_index():

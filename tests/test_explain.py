@@ -9,6 +9,8 @@ from torch._dynamo.utils import counters
 
 from slicecompile.explain import Report, explain
 
+from conftest import DEVICE
+
 ALWAYS = {"min_gemm_size": 0, "block": 16}
 
 
@@ -34,7 +36,7 @@ def test_sites_carry_location_consumer_shapes_and_decision():
     assert (rewritten.input_shape, rewritten.gemms, rewritten.p) == ((4, 8, 32), ((32, 32, 16),), 0.25)
     assert (rewritten.dtype, rewritten.device, rewritten.rewritten, rewritten.reason) == (
         "float32",
-        "cpu",
+        DEVICE,
         True,
         "rewritten",
     )
