@@ -8,6 +8,7 @@ PATTERNS; rewrite.py turns a matched site into the block-dropout op.
 """
 
 import operator
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -336,12 +337,16 @@ def _module_path(node):
     return re.sub(r"\['?([^'\]]*)'?\]", r".\1", path).replace("_modules.", "").strip(".")
 
 
+TORCH_DIR = os.path.dirname(torch.__file__)
+
+
 def _location(node):
+    """file:line of the innermost user frame that made the node (torch's own frames, such as
+    a default-device context's, are skipped)."""
     trace = node.meta.get("stack_trace") or ""
-    frames = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
-    if not frames:
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    user = [(path, line) for path, line in frames if not path.startswith(TORCH_DIR)]
+    if not user:
         return ""
-    parts = frames[-1].split('"')
-    filename = parts[1].rsplit("/", 1)[-1] if len(parts) > 2 else "?"
-    line = frames[-1].split("line ")[-1].split(",")[0]
-    return f"{filename}:{line}"
+    path, line = user[-1]
+    return f"{os.path.basename(path)}:{line}"

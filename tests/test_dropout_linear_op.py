@@ -191,6 +191,7 @@ def test_compiles_without_graph_break():
 def test_bad_inputs_raise(change, error, match):
     args = dict(x=torch.randn(4, 32), weight=torch.randn(8, 32), bias=torch.randn(8), p=0.5, block=(16, 16))
     args.update(change)
+    args = {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for key, value in args.items()}
     with pytest.raises(error, match=match):
         dropout_linear(**args)
 
