@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .runtime import check_matmul_operands, interpreting, run_in_interpreter_dtype
+from .tiling import grouped_tile
 
 
 @triton.jit
@@ -50,14 +51,7 @@ def sparse_input_matmul_kernel(
     kept: (cdiv(M, MASK_BM), width) int32 K-tile indices, count: per block-row int32.
     BLOCK_M divides MASK_BM and BLOCK_K divides MASK_BK, so the tiles the kernel uses
     never change which elements are dropped."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -63,11 +63,12 @@ def check_linear_operands(x, weight, bias):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def check_mask_fits(mask, x2d):
-    if tuple(mask.shape) != tuple(x2d.shape):
-        raise ValueError(f"the mask covers {tuple(mask.shape)} but x flattens to {tuple(x2d.shape)}")
-    if mask.kept.device != x2d.device:
-        raise ValueError(f"the mask is on {mask.kept.device} but x is on {x2d.device}")
+def check_mask_fits(mask, shape, device):
+    """The mask must cover x flattened to 2-D (shape) on x's device."""
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"the mask covers {tuple(mask.shape)} but x flattens to {tuple(shape)}")
+    if mask.kept.device != device:
+        raise ValueError(f"the mask is on {mask.kept.device} but x is on {device}")
 
 
 def _describe(tensors, attr):

@@ -148,13 +148,16 @@ def dropout_linear(x, weight, bias=None, p=0.5, block=DEFAULT_BLOCK, training=Tr
         return F.linear(x, weight, bias)
     in_features = x.shape[-1]
     mask = draw_block_mask(x.numel() // in_features, in_features, p, block, device=x.device)
-    return dropout_linear_with_mask(x, weight, bias, mask)
+    return _under_mask(x, weight, bias, mask)
 
 
 def dropout_linear_with_mask(x, weight, bias, mask: BlockMask):
     """dropout_linear under an explicit mask (from draw_block_mask over x flattened to 2-D)."""
     check_linear_operands(x, weight, bias)
-    x2d = x.reshape(-1, x.shape[-1])
-    check_mask_fits(mask, x2d)
-    y = block_dropout_linear(x2d, weight, bias, mask.kept, mask.count, *mask.block, mask.p)
+    check_mask_fits(mask, (x.numel() // x.shape[-1], x.shape[-1]), x.device)
+    return _under_mask(x, weight, bias, mask)
+
+
+def _under_mask(x, weight, bias, mask):
+    y = block_dropout_linear(x.reshape(-1, x.shape[-1]), weight, bias, mask.kept, mask.count, *mask.block, mask.p)
     return y.reshape(*x.shape[:-1], weight.shape[0])
