@@ -41,7 +41,7 @@ def train(backend, args, batches):
     torch.manual_seed(0)
     model = Encoder(args.d_model, args.ffn, args.layers, args.p).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step_fn = model if backend == "eager" else torch.compile(model, backend=backend)
+    step_fn = model if backend == "eager" else torch.compile(model, backend=backend, mode=args.mode)
 
     def step(x, y):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -76,6 +76,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--backends", nargs="+", default=["eager", "inductor", "slicecompile"])
+    parser.add_argument("--mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)')
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -109,7 +110,7 @@ def main():
             writer.writerow(
                 dict(
                     gpu=gpu,
-                    backend=backend,
+                    backend=backend if backend == "eager" or not args.mode else f"{backend} ({args.mode})",
                     p=args.p,
                     layers=args.layers,
                     d_model=args.d_model,

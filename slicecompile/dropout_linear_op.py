@@ -22,8 +22,8 @@ from .kernels import interpreting, sparse_input_matmul, sparse_output_matmul
 from .masks import BlockMask, column_index, draw_block_mask, expand_tiles
 
 # (BM, BK) = (128, 128), SparseDrop's tile: GPU time of a p = 0.5 training step at bf16
-# (8192, 4096) -> 4096 on an H200 is 0.873 ms, against 1.222 for (64, 64), 1.081 for (128, 64)
-# and 0.862 for the coarser (128, 256) (bench/results/dropout_linear_blocks.csv).
+# (8192, 4096) -> 4096 on an H200 is 0.871 ms, against 1.220 for (64, 64), 1.076 for (128, 64)
+# and 0.859 for the coarser (128, 256) (bench/results/dropout_linear_blocks.csv).
 DEFAULT_BLOCK = (128, 128)
 
 
