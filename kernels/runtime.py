@@ -13,6 +13,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def traceable(kernel):
+    """The kernel wrapped so that torch.compile can trace its launch (torch.library.wrap_triton)
+    and Inductor can launch it from compiled code; called outside tracing, it simply runs.
+    The interpreter's kernels cannot be wrapped: they are launched directly."""
+    return kernel if interpreting() else torch.library.wrap_triton(kernel)
+
+
 def check_matmul_operands(a, b):
     """a (M, K) @ b (K, N): 2-D, one floating dtype, one device."""
     for name, t in (("a", a), ("b", b)):

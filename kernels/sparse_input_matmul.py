@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import check_matmul_operands, interpreting, run_in_interpreter_dtype
+from .runtime import check_matmul_operands, interpreting, run_in_interpreter_dtype, traceable
 from .tiling import grouped_tile
 
 
@@ -132,11 +132,11 @@ def sparse_input_matmul(a, b, kept, count, mask_block, scale, bias=None, out=Non
         if mask_block[0] % config["BLOCK_M"] or mask_block[1] % config["BLOCK_K"]:
             raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-        sparse_input_matmul_kernel[grid](
+        traceable(sparse_input_matmul_kernel)[grid](
             a,
             b,
             out_,
-            out_ if bias is None else bias,
+            bias,
             kept,
             count,
             M,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import check_matmul_operands, interpreting, run_in_interpreter_dtype
+from .runtime import check_matmul_operands, interpreting, run_in_interpreter_dtype, traceable
 from .tiling import grouped_tile
 
 
@@ -109,7 +109,7 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
         if mask_block[0] % config["BLOCK_M"] or mask_block[1] % config["BLOCK_N"]:
             raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
         grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-        sparse_output_matmul_kernel[grid](
+        traceable(sparse_output_matmul_kernel)[grid](
             a,
             b,
             out_,

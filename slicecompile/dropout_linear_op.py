@@ -1,9 +1,10 @@
 """dropout_linear: F.linear on block-dropped input, as torch.library custom ops.
 
-Three ops, one per GEMM, so torch.compile traces them without a graph break and
-AOTAutograd sees the backward: the forward (block-sparse X times Wᵀ), the input gradient
-(only kept tiles of dY·W computed, zeros elsewhere) and the weight gradient (dropped
-tiles skipped in the reduction). The mask is drawn outside the ops by plain torch code,
+Three ops, one per GEMM: the forward (block-sparse X times Wᵀ), the input gradient (only
+kept tiles of dY·W computed, zeros elsewhere) and the weight gradient (dropped tiles skipped
+in the reduction). They are triton_ops: torch.compile traces them with no graph break,
+AOTAutograd sees the backward, and Inductor launches the kernels from its compiled code
+rather than through a Python op call. The mask is drawn outside the ops by plain torch code,
 so the ops themselves are deterministic and a recomputation can reuse a saved mask.
 Backward saves x, weight and the tiny tile index, never an element-wise mask.
 
@@ -15,6 +16,7 @@ TRITON_INTERPRET=1.
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 from .checks import check_block, check_linear_operands, check_mask_fits, check_p
@@ -28,7 +30,10 @@ DEFAULT_BLOCK = (128, 128)
 
 
 def _use_kernels(t):
-    return t.is_cuda or interpreting()
+    """CUDA tensors, and CPU tensors under Triton's interpreter, run the kernels. Traced CPU
+    tensors (torch.compile under the interpreter) take the reference, whose result is the
+    same: the interpreter's kernels cannot be traced."""
+    return t.is_cuda or (interpreting() and not is_fake(t))
 
 
 def _allow_tf32():
@@ -43,7 +48,7 @@ def _scale(p):
     return 1.0 / (1.0 - p)
 
 
-@torch.library.custom_op("slicecompile::block_dropout_linear", mutates_args=())
+@torch.library.triton_op("slicecompile::block_dropout_linear", mutates_args=())
 def block_dropout_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
 ) -> Tensor:
@@ -54,7 +59,7 @@ def block_dropout_linear(
     return sparse_input_matmul(x, weight.t(), kept, count, mask.block, mask.scale, bias=bias, allow_tf32=_allow_tf32())
 
 
-@torch.library.custom_op("slicecompile::block_dropout_linear_grad_input", mutates_args=())
+@torch.library.triton_op("slicecompile::block_dropout_linear_grad_input", mutates_args=())
 def block_dropout_linear_grad_input(
     grad_out: Tensor, weight: Tensor, tiles: Tensor, block_m: int, block_k: int, p: float
 ) -> Tensor:
@@ -66,7 +71,7 @@ def block_dropout_linear_grad_input(
     return sparse_output_matmul(grad_out, weight, tiles, block, _scale(p), allow_tf32=_allow_tf32())
 
 
-@torch.library.custom_op("slicecompile::block_dropout_linear_grad_weight", mutates_args=())
+@torch.library.triton_op("slicecompile::block_dropout_linear_grad_weight", mutates_args=())
 def block_dropout_linear_grad_weight(
     grad_out: Tensor,
     x: Tensor,
@@ -95,21 +100,6 @@ def block_dropout_linear_grad_weight(
         allow_tf32=_allow_tf32(),
     )
     return grad_weight
-
-
-@block_dropout_linear.register_fake
-def _(x, weight, bias, kept, count, block_m, block_k, p):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@block_dropout_linear_grad_input.register_fake
-def _(grad_out, weight, tiles, block_m, block_k, p):
-    return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
-
-
-@block_dropout_linear_grad_weight.register_fake
-def _(grad_out, x, tiles, col_rows, col_count, block_m, block_k, p):
-    return x.new_empty(grad_out.shape[1], x.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
