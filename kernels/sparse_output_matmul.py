@@ -102,7 +102,7 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
         out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     elif out.shape != (M, N):
         raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
-    keep = keep.view(torch.uint8)
+    keep = keep.to(torch.uint8)  # a no-op for uint8; bool is widened, not viewed (Inductor cannot view bool)
 
     with run_in_interpreter_dtype(out, a, b) as (out_, a, b):
         config = config or _config(mask_block, interpreting())

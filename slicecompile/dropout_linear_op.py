@@ -116,7 +116,7 @@ def _backward(ctx, grad_out):
     tiles = _mask(kept, count, x.shape, *ctx.mask_args).tiles()
     grad_x = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = block_dropout_linear_grad_input(grad_out, weight, tiles, *ctx.mask_args)
+        grad_x = block_dropout_linear_grad_input(grad_out, weight, tiles.to(torch.uint8), *ctx.mask_args)
     if ctx.needs_input_grad[1]:
         grad_weight = block_dropout_linear_grad_weight(grad_out, x, tiles, *column_index(tiles), *ctx.mask_args)
     if ctx.has_bias and ctx.needs_input_grad[2]:
