@@ -36,8 +36,8 @@ except Exception:  # pragma: no cover
 # constant"): never mistaken for a failed rewrite.
 DYNAMO_CONTROL_FLOW = (RestartAnalysis, SkipFrame)
 POLICIES = ("block",)  # "slice" (SliceOut-style contiguous slices) comes later
-# M*K*N below which a GEMM is left to Inductor: 256³. Smaller GEMMs are launch-bound, so
-# skipping tiles saves nothing measurable (see bench/results).
+# M*K*N below which a GEMM is left to Inductor: 256³. Not yet measured: a guess that smaller
+# GEMMs are bound by launch overhead, where skipping tiles cannot pay for the mask's kernels.
 DEFAULT_MIN_GEMM_SIZE = 2**24
 
 
