@@ -90,7 +90,8 @@ def _config(mask_block, interpret, a_column_major):
         return dict(BLOCK_M=mask_bm, BLOCK_N=64, BLOCK_K=mask_bk, GROUP_M=1, num_warps=4, num_stages=1)
     # H200, bf16, (8192, 4096, 4096), p = 0.5, block 128: row-major A (the forward) is fastest
     # with 8 warps and 3 stages (0.310 ms), column-major A (the weight gradient) with 4 warps
-    # and 4 stages (0.258 ms, against 0.28+ with 8 warps); bench/sweep_kernel_configs.py.
+    # and 4 stages (0.258 ms, against 0.28+ with 8 warps): bench/sweep_kernel_configs.py,
+    # bench/results/logs/sweep_kernel_configs.log.
     warps, stages = (4, 4) if a_column_major else (8, 3)
     return dict(
         BLOCK_M=min(128, mask_bm),

@@ -79,7 +79,7 @@ def _config(mask_block, interpret):
     if interpret:  # the interpreter pays per program and per loop step: the biggest tiles
         return dict(BLOCK_M=mask_bm, BLOCK_N=mask_bn, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=1)
     # 4 warps: 0.289 ms against 0.293 with 8, H200, bf16, (8192, 4096, 4096), p = 0.5, block 128
-    # (bench/sweep_kernel_configs.py).
+    # (bench/sweep_kernel_configs.py, bench/results/logs/sweep_kernel_configs.log).
     return dict(BLOCK_M=min(128, mask_bm), BLOCK_N=min(128, mask_bn), BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
 
 
