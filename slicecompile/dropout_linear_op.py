@@ -113,8 +113,9 @@ def _backward(ctx, grad_out):
     """The tile table and its column index are derived here in plain torch ops, which
     torch.compile traces and fuses; the GEMMs are ops of their own."""
     x, weight, kept, count = ctx.saved_tensors
-    tiles = _mask(kept, count, x.shape, *ctx.mask_args).tiles()
     grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        tiles = _mask(kept, count, x.shape, *ctx.mask_args).tiles()
     if ctx.needs_input_grad[0]:
         grad_x = block_dropout_linear_grad_input(grad_out, weight, tiles.to(torch.uint8), *ctx.mask_args)
     if ctx.needs_input_grad[1]:
