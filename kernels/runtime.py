@@ -4,6 +4,8 @@ import contextlib
 import os
 
 import torch
+import triton
+from torch._subclasses.fake_tensor import is_fake
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -49,3 +51,95 @@ def run_in_interpreter_dtype(out, *inputs):
     out32 = torch.empty(out.shape, dtype=torch.float32, device=out.device)
     yield (out32, *wide)
     out.copy_(out32)
+
+
+def size_key(n):
+    """An autotuning key for a size: n rounded up to a power of two, so that dynamic shapes
+    share tuning results within a factor of two. Symbolic sizes (while torch.compile traces)
+    get 0: compiled code tunes its kernels itself."""
+    return 1 << max(n - 1, 0).bit_length() if isinstance(n, int) else 0
+
+
+def autotuned(kernel, configs, key, prune):
+    """kernel under triton.autotune: configs() are the candidates, prune(configs, named_args,
+    **kwargs) fits them to the launch, and results are cached on disk (Triton's cache
+    directory), so the next process reuses them. None under the interpreter, which runs one
+    explicit config (Triton cannot benchmark there)."""
+    if interpreting():
+        return None
+    return triton.autotune(configs(), key=key, prune_configs_by={"early_config_prune": prune}, cache_results=True)(
+        kernel
+    )
+
+
+def fit_to_mask(configs, **limits):
+    """configs with each named tile shrunk to its limit (a power of two, like the tiles, so a
+    shrunk tile still divides the mask's block); duplicates removed, order kept."""
+    fitted = {}
+    for c in configs:
+        kwargs = {**c.kwargs, **{name: min(c.kwargs[name], limit) for name, limit in limits.items()}}
+        fitted.setdefault((tuple(sorted(kwargs.items())), c.num_warps, c.num_stages), (kwargs, c))
+    return [triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for kwargs, c in fitted.values()]
+
+
+def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persistent):
+    """(launchable, grid, meta-parameters) for kernel: with an explicit config the plain kernel,
+    whose tiles must divide the mask's block; otherwise the autotuned one. A persistent kernel
+    gets at most one program per multiprocessor; config["PERSISTENT"] overrides that choice."""
+    config = None if config is None else dict(config)
+    if config is not None:
+        persistent = config.pop("PERSISTENT", persistent)
+        if any(side % config[name] for name, side in zip(tile_names, mask_block)):
+            raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
+    programs = _multiprocessors() if persistent and not interpreting() else None
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (tiles if programs is None else min(tiles, programs),)
+
+    if config is not None:
+        return traceable(kernel), grid(config), config
+    return traceable(tuned), grid, {}
+
+
+def _multiprocessors():
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def tma_layout(a, b, tma):
+    """(a_t, b_t) if a (M, K) @ b (K, N) can be read by the tensor memory accelerator, else None:
+    a_t says a has unit stride along M rather than K, b_t that b has it along K rather than N.
+    tma=None uses it on GPUs that have it (compute capability 9.0 and newer) for 16-bit operands;
+    tma=True insists (ValueError when the operands cannot be read that way); False never uses it."""
+    if tma is False:
+        return None
+    layouts = [_unit_stride_dim(t) for t in (a, b)]
+    if tma is None:
+        fast = a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0) and a.element_size() == 2
+        if not fast or None in layouts:
+            return None
+    elif None in layouts:
+        raise ValueError(
+            "operands cannot be read by the tensor memory accelerator: each needs a unit stride, "
+            "its other stride and its start aligned to 16 bytes"
+        )
+    if a.is_cuda:
+        triton.set_allocator(_descriptor_memory)
+    return layouts[0] == 0, layouts[1] == 0
+
+
+def _unit_stride_dim(t):
+    """The dim of 2-D t along which it has unit stride, if its other stride and its start are
+    16-byte aligned (what tensor-memory-accelerator descriptors need); else None."""
+    start = t.storage_offset() if is_fake(t) else t.data_ptr()
+    if (start * (t.element_size() if is_fake(t) else 1)) % 16:
+        return None
+    for dim in (1, 0):
+        if t.stride(dim) == 1 and (t.stride(1 - dim) * t.element_size()) % 16 == 0:
+            return dim
+    return None
+
+
+def _descriptor_memory(size, alignment, stream):
+    """Global memory for tensor descriptors that kernels create on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")

@@ -7,14 +7,26 @@ loaded or multiplied, and the loop body has no branch.
 
 Roles: the input-side dropout forward (A = X, B = Wᵀ) and its weight gradient
 (A = Xᵀ with the mask's column lists, B = dY, C = dWᵀ).
+
+Two kernels compute it: one reads its operands through the tensor memory accelerator (Hopper
+and newer, 16-bit operands with 16-byte aligned rows), the other through pointers (any GPU).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .runtime import check_matmul_operands, interpreting, run_in_interpreter_dtype, traceable
-from .tiling import grouped_tile
+from .runtime import (
+    autotuned,
+    check_matmul_operands,
+    fit_to_mask,
+    interpreting,
+    launch_config,
+    run_in_interpreter_dtype,
+    size_key,
+    tma_layout,
+)
+from .tiling import block_descriptor, grouped_tile, load_block
 
 
 @triton.jit
@@ -28,6 +40,9 @@ def sparse_input_matmul_kernel(
     M,
     N,
     K,
+    M_KEY,
+    N_KEY,
+    K_KEY,
     stride_am,
     stride_ak,
     stride_bk,
@@ -38,6 +53,8 @@ def sparse_input_matmul_kernel(
     stride_kept_k,
     stride_count,
     scale,
+    A_T: tl.constexpr,
+    B_T: tl.constexpr,
     MASK_BM: tl.constexpr,
     MASK_BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -50,8 +67,9 @@ def sparse_input_matmul_kernel(
     """a: (M, K), b: (K, N), c: (M, N), bias: (N,) if HAS_BIAS,
     kept: (cdiv(M, MASK_BM), width) int32 K-tile indices, count: per block-row int32.
     BLOCK_M divides MASK_BM and BLOCK_K divides MASK_BK, so the tiles the kernel uses
-    never change which elements are dropped."""
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    never change which elements are dropped. *_KEY (sizes rounded up to powers of two),
+    A_T and B_T (unit stride along M, along K) only key the autotuning."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,40 +93,108 @@ def sparse_input_matmul_kernel(
         b = tl.load(b_cols + k[:, None] * stride_bk, mask=in_k[:, None] & in_n, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
+    _store_output(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, scale, HAS_BIAS)
+
+
+@triton.jit
+def sparse_input_matmul_tma_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    bias_ptr,
+    kept_ptr,
+    count_ptr,
+    M,
+    N,
+    K,
+    M_KEY,
+    N_KEY,
+    K_KEY,
+    stride_a,
+    stride_b,
+    stride_cm,
+    stride_cn,
+    stride_kept_m,
+    stride_kept_k,
+    stride_count,
+    scale,
+    A_T: tl.constexpr,
+    B_T: tl.constexpr,
+    MASK_BM: tl.constexpr,
+    MASK_BK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """sparse_input_matmul_kernel with a and b read by the tensor memory accelerator: a has
+    unit stride along K, or along M if A_T, and stride_a is its other stride; b has unit
+    stride along N, or along K if B_T. Persistent: programs stride over the output tiles,
+    so one tile's epilogue overlaps the next one's loads."""
+    a_desc = block_descriptor(a_ptr, M, K, stride_a, BLOCK_M, BLOCK_K, A_T)
+    b_desc = block_descriptor(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
+    SUB_K: tl.constexpr = MASK_BK // BLOCK_K
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        block_row = (pid_m * BLOCK_M) // MASK_BM
+        kept_row = kept_ptr + block_row * stride_kept_m
+        steps = tl.load(count_ptr + block_row * stride_count) * SUB_K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(0, steps):
+            tile = tl.load(kept_row + (step // SUB_K) * stride_kept_k)
+            k = tile * MASK_BK + (step % SUB_K) * BLOCK_K
+            a = load_block(a_desc, pid_m * BLOCK_M, k, A_T)
+            b = load_block(b_desc, k, pid_n * BLOCK_N, B_T)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _store_output(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, scale, HAS_BIAS)
+
+
+@triton.jit
+def _store_output(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, scale, HAS_BIAS: tl.constexpr):
     acc = acc * scale
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
     c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=in_m & in_n)
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def _config(mask_block, interpret, a_column_major):
-    """Kernel tiles never exceed the mask's tiles (which must stay independent of them)."""
-    mask_bm, mask_bk = mask_block
-    if interpret:  # the interpreter pays per program and per loop step: the biggest tiles
-        return dict(BLOCK_M=mask_bm, BLOCK_N=64, BLOCK_K=mask_bk, GROUP_M=1, num_warps=4, num_stages=1)
-    # H200, bf16, (8192, 4096, 4096), p = 0.5, block 128: row-major A (the forward) is fastest
-    # with 8 warps and 3 stages (0.310 ms), column-major A (the weight gradient) with 4 warps
-    # and 4 stages (0.258 ms, against 0.28+ with 8 warps): bench/sweep_kernel_configs.py,
-    # bench/results/logs/sweep_kernel_configs.log.
-    warps, stages = (4, 4) if a_column_major else (8, 3)
-    return dict(
-        BLOCK_M=min(128, mask_bm),
-        BLOCK_N=128,
-        BLOCK_K=min(64, mask_bk),
-        GROUP_M=8,
-        num_warps=warps,
-        num_stages=stages,
-    )
+def _configs():
+    """Autotuning candidates (tiles shrink to fit smaller mask blocks: fit_to_mask)."""
+    return [
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+        for bn, bk, w, s in [(128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3)]
+    ]
 
 
-def sparse_input_matmul(a, b, kept, count, mask_block, scale, bias=None, out=None, allow_tf32=False, config=None):
+def _fit(configs, named_args, **kwargs):
+    return fit_to_mask(configs, BLOCK_M=kwargs["MASK_BM"], BLOCK_K=kwargs["MASK_BK"])
+
+
+_KEY = ["M_KEY", "N_KEY", "K_KEY", "A_T", "B_T", "MASK_BM", "MASK_BK"]
+_tuned = autotuned(sparse_input_matmul_kernel, _configs, _KEY, _fit)
+_tuned_tma = autotuned(sparse_input_matmul_tma_kernel, _configs, _KEY, _fit)
+
+
+def _interpreter_config(mask_block):
+    """The interpreter pays per program and per loop step: the biggest tiles."""
+    return dict(BLOCK_M=mask_block[0], BLOCK_N=64, BLOCK_K=mask_block[1], GROUP_M=1, num_warps=4, num_stages=1)
+
+
+def sparse_input_matmul(
+    a, b, kept, count, mask_block, scale, bias=None, out=None, allow_tf32=False, config=None, tma=None
+):
     """scale * (a ⊙ mask) @ b (+ bias) -> (M, N), for 2-D a (M, K) and b (K, N) of any strides.
 
     kept: (cdiv(M, mask_block[0]), width) int32, block-row i keeps K-tiles kept[i, :count[i]];
     count: int32 with one entry per block-row, or a single entry shared by all rows.
-    config: kernel tiles and launch options overriding the default (tiles must divide the mask's block).
+    config: kernel tiles and launch options instead of autotuning (tiles must divide the mask's block).
+    tma: read operands through the tensor memory accelerator; None picks it where it works.
     out: optional (M, N) tensor (any strides) to write into.
     """
     check_matmul_operands(a, b)
@@ -129,11 +215,20 @@ def sparse_input_matmul(a, b, kept, count, mask_block, scale, bias=None, out=Non
         raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
 
     with run_in_interpreter_dtype(out, a, b, bias) as (out_, a, b, bias):
-        config = config or _config(mask_block, interpreting(), a.stride(0) == 1 and a.stride(1) != 1)
-        if mask_block[0] % config["BLOCK_M"] or mask_block[1] % config["BLOCK_K"]:
-            raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-        traceable(sparse_input_matmul_kernel)[grid](
+        layouts = tma_layout(a, b, tma)
+        a_t, b_t = (a.stride(0) == 1, b.stride(0) == 1) if layouts is None else layouts
+        strides = (
+            (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+            if layouts is None
+            else (a.stride(1 if a_t else 0), b.stride(1 if b_t else 0))
+        )
+        kernel = sparse_input_matmul_kernel if layouts is None else sparse_input_matmul_tma_kernel
+        tuned = _tuned if layouts is None else _tuned_tma
+        config = config or (_interpreter_config(mask_block) if interpreting() else None)
+        launch, grid, meta = launch_config(
+            kernel, tuned, config, ("BLOCK_M", "BLOCK_K"), mask_block, M, N, persistent=layouts is not None
+        )
+        launch[grid](
             a,
             b,
             out_,
@@ -143,20 +238,22 @@ def sparse_input_matmul(a, b, kept, count, mask_block, scale, bias=None, out=Non
             M,
             N,
             K,
-            a.stride(0),
-            a.stride(1),
-            b.stride(0),
-            b.stride(1),
+            size_key(M),
+            size_key(N),
+            size_key(K),
+            *strides,
             out_.stride(0),
             out_.stride(1),
             kept.stride(0),
             kept.stride(1),
             0 if count.numel() == 1 else count.stride(0),
             float(scale),
+            A_T=a_t,
+            B_T=b_t,
             MASK_BM=mask_block[0],
             MASK_BK=mask_block[1],
             HAS_BIAS=bias is not None,
             INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
-            **config,
+            **meta,
         )
     return out

@@ -7,14 +7,28 @@ is written: kept tiles get the product, dropped tiles get zeros without loading 
 
 Roles: the input-side dropout's input gradient (A = dY, B = W, C = dX) and, with roles
 permuted, the output-side dropout's forward.
+
+Two kernels compute it: one reads its operands through the tensor memory accelerator (Hopper
+and newer, 16-bit operands with 16-byte aligned rows), the other through pointers (any GPU).
+Neither is persistent: dropped tiles finish at once, and the hardware's scheduler keeps the
+multiprocessors balanced where a static split of tiles among programs would not.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .runtime import check_matmul_operands, interpreting, run_in_interpreter_dtype, traceable
-from .tiling import grouped_tile
+from .runtime import (
+    autotuned,
+    check_matmul_operands,
+    fit_to_mask,
+    interpreting,
+    launch_config,
+    run_in_interpreter_dtype,
+    size_key,
+    tma_layout,
+)
+from .tiling import block_descriptor, grouped_tile, load_block
 
 
 @triton.jit
@@ -26,6 +40,9 @@ def sparse_output_matmul_kernel(
     M,
     N,
     K,
+    M_KEY,
+    N_KEY,
+    K_KEY,
     stride_am,
     stride_ak,
     stride_bk,
@@ -35,6 +52,8 @@ def sparse_output_matmul_kernel(
     stride_keep_m,
     stride_keep_n,
     scale,
+    A_T: tl.constexpr,
+    B_T: tl.constexpr,
     MASK_BM: tl.constexpr,
     MASK_BN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -44,8 +63,9 @@ def sparse_output_matmul_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """a: (M, K), b: (K, N), c: (M, N), keep: (cdiv(M, MASK_BM), cdiv(N, MASK_BN)) uint8.
-    BLOCK_M divides MASK_BM and BLOCK_N divides MASK_BN."""
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    BLOCK_M divides MASK_BM and BLOCK_N divides MASK_BN. *_KEY (sizes rounded up to powers
+    of two), A_T and B_T (unit stride along M, along K) only key the autotuning."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,10 +75,7 @@ def sparse_output_matmul_kernel(
     in_m = offs_m[:, None] < M
     in_n = offs_n[None, :] < N
 
-    keep_m = (pid_m * BLOCK_M) // MASK_BM
-    keep_n = (pid_n * BLOCK_N) // MASK_BN
-    keep = tl.load(keep_ptr + keep_m * stride_keep_m + keep_n * stride_keep_n).to(tl.int32)
-
+    keep = _keep(keep_ptr, pid_m, pid_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K) * keep):
         in_k = offs_k + k0 * BLOCK_K < K
@@ -68,26 +85,97 @@ def sparse_output_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    acc = acc * scale
+    _store_output(acc, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, scale)
+
+
+@triton.jit
+def sparse_output_matmul_tma_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    keep_ptr,
+    M,
+    N,
+    K,
+    M_KEY,
+    N_KEY,
+    K_KEY,
+    stride_a,
+    stride_b,
+    stride_cm,
+    stride_cn,
+    stride_keep_m,
+    stride_keep_n,
+    scale,
+    A_T: tl.constexpr,
+    B_T: tl.constexpr,
+    MASK_BM: tl.constexpr,
+    MASK_BN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """sparse_output_matmul_kernel with a and b read by the tensor memory accelerator: a has
+    unit stride along K, or along M if A_T, and stride_a is its other stride; b has unit
+    stride along N, or along K if B_T."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    a_desc = block_descriptor(a_ptr, M, K, stride_a, BLOCK_M, BLOCK_K, A_T)
+    b_desc = block_descriptor(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
+    keep = _keep(keep_ptr, pid_m, pid_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN, BLOCK_M, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K) * keep):
+        a = load_block(a_desc, pid_m * BLOCK_M, k0 * BLOCK_K, A_T)
+        b = load_block(b_desc, k0 * BLOCK_K, pid_n * BLOCK_N, B_T)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _store_output(acc, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, scale)
+
+
+@triton.jit
+def _keep(keep_ptr, pid_m, pid_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN, BLOCK_M, BLOCK_N):
+    """1 if output tile (pid_m, pid_n) lies in a kept mask tile, else 0 (the K loop's trip factor)."""
+    keep_m = (pid_m * BLOCK_M) // MASK_BM
+    keep_n = (pid_n * BLOCK_N) // MASK_BN
+    return tl.load(keep_ptr + keep_m * stride_keep_m + keep_n * stride_keep_n).to(tl.int32)
+
+
+@triton.jit
+def _store_output(acc, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, scale):
     c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=in_m & in_n)
+    tl.store(c, (acc * scale).to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def _config(mask_block, interpret):
-    """Kernel tiles never exceed the mask's tiles (which must stay independent of them)."""
-    mask_bm, mask_bn = mask_block
-    if interpret:  # the interpreter pays per program and per loop step: the biggest tiles
-        return dict(BLOCK_M=mask_bm, BLOCK_N=mask_bn, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=1)
-    # 4 warps: 0.289 ms against 0.293 with 8, H200, bf16, (8192, 4096, 4096), p = 0.5, block 128
-    # (bench/sweep_kernel_configs.py, bench/results/logs/sweep_kernel_configs.log).
-    return dict(BLOCK_M=min(128, mask_bm), BLOCK_N=min(128, mask_bn), BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+def _configs():
+    """Autotuning candidates (tiles shrink to fit smaller mask blocks: fit_to_mask)."""
+    return [
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+        for bn, bk, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 4, 3)]
+    ]
 
 
-def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=False, config=None):
+def _fit(configs, named_args, **kwargs):
+    return fit_to_mask(configs, BLOCK_M=kwargs["MASK_BM"], BLOCK_N=kwargs["MASK_BN"])
+
+
+_KEY = ["M_KEY", "N_KEY", "K_KEY", "A_T", "B_T", "MASK_BM", "MASK_BN"]
+_tuned = autotuned(sparse_output_matmul_kernel, _configs, _KEY, _fit)
+_tuned_tma = autotuned(sparse_output_matmul_tma_kernel, _configs, _KEY, _fit)
+
+
+def _interpreter_config(mask_block):
+    """The interpreter pays per program and per loop step: the biggest tiles."""
+    return dict(BLOCK_M=mask_block[0], BLOCK_N=mask_block[1], BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=1)
+
+
+def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=False, config=None, tma=None):
     """scale * (a @ b) ⊙ mask -> (M, N), for 2-D a (M, K) and b (K, N) of any strides.
 
     keep: (cdiv(M, mask_block[0]), cdiv(N, mask_block[1])) uint8 or bool, 1 = tile kept.
-    config: kernel tiles and launch options overriding the default (tiles must divide the mask's block).
+    config: kernel tiles and launch options instead of autotuning (tiles must divide the mask's block).
+    tma: read operands through the tensor memory accelerator; None picks it where it works.
     out: optional (M, N) tensor (any strides) to write into; every element is written.
     """
     check_matmul_operands(a, b)
@@ -105,11 +193,20 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
     keep = keep.to(torch.uint8)  # a no-op for uint8; bool is widened, not viewed (Inductor cannot view bool)
 
     with run_in_interpreter_dtype(out, a, b) as (out_, a, b):
-        config = config or _config(mask_block, interpreting())
-        if mask_block[0] % config["BLOCK_M"] or mask_block[1] % config["BLOCK_N"]:
-            raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-        traceable(sparse_output_matmul_kernel)[grid](
+        layouts = tma_layout(a, b, tma)
+        a_t, b_t = (a.stride(0) == 1, b.stride(0) == 1) if layouts is None else layouts
+        strides = (
+            (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+            if layouts is None
+            else (a.stride(1 if a_t else 0), b.stride(1 if b_t else 0))
+        )
+        kernel = sparse_output_matmul_kernel if layouts is None else sparse_output_matmul_tma_kernel
+        tuned = _tuned if layouts is None else _tuned_tma
+        config = config or (_interpreter_config(mask_block) if interpreting() else None)
+        launch, grid, meta = launch_config(
+            kernel, tuned, config, ("BLOCK_M", "BLOCK_N"), mask_block, M, N, persistent=False
+        )
+        launch[grid](
             a,
             b,
             out_,
@@ -117,18 +214,20 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
             M,
             N,
             K,
-            a.stride(0),
-            a.stride(1),
-            b.stride(0),
-            b.stride(1),
+            size_key(M),
+            size_key(N),
+            size_key(K),
+            *strides,
             out_.stride(0),
             out_.stride(1),
             keep.stride(0),
             keep.stride(1),
             float(scale),
+            A_T=a_t,
+            B_T=b_t,
             MASK_BM=mask_block[0],
             MASK_BN=mask_block[1],
             INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
-            **config,
+            **meta,
         )
     return out

@@ -15,6 +15,12 @@ dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 blocks = st.tuples(st.sampled_from([16, 32, 64]), st.sampled_from([16, 32, 64]))
 
 
+def _aligned(tma, *sizes):
+    """Sizes rounded up to multiples of 8 when the operands are read by the tensor memory
+    accelerator, which needs 16-byte aligned rows; ragged against the mask's block still."""
+    return tuple(-(-n // 8) * 8 for n in sizes) if tma else sizes
+
+
 def _operand(rows, cols, dtype, transposed):
     """A (rows, cols) tensor, stored transposed when asked (strides (1, rows))."""
     if transposed:
@@ -32,14 +38,16 @@ def _operand(rows, cols, dtype, transposed):
     bias=st.booleans(),
     a_t=st.booleans(),
     b_t=st.booleans(),
+    tma=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_sparse_input_matmul(M, K, N, p, block, dtype, bias, a_t, b_t, seed):
+def test_sparse_input_matmul(M, K, N, p, block, dtype, bias, a_t, b_t, tma, seed):
     torch.manual_seed(seed)
+    M, K, N = _aligned(tma, M, K, N)
     a, b = _operand(M, K, dtype, a_t), _operand(K, N, dtype, b_t)
     c_bias = torch.randn(N, device=DEVICE).to(dtype) if bias else None
     mask = draw_block_mask(M, K, p, block, device=DEVICE)
-    out = sparse_input_matmul(a, b, mask.kept, mask.count, mask.block, mask.scale, bias=c_bias)
+    out = sparse_input_matmul(a, b, mask.kept, mask.count, mask.block, mask.scale, bias=c_bias, tma=tma)
 
     def ref(a, b, c_bias):
         y = (a * mask.elements().to(a.dtype)) @ b * mask.scale
@@ -58,14 +66,16 @@ def test_sparse_input_matmul(M, K, N, p, block, dtype, bias, a_t, b_t, seed):
     dtype=dtypes,
     a_t=st.booleans(),
     b_t=st.booleans(),
+    tma=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_sparse_output_matmul(M, K, N, p, block, dtype, a_t, b_t, seed):
+def test_sparse_output_matmul(M, K, N, p, block, dtype, a_t, b_t, tma, seed):
     torch.manual_seed(seed)
+    M, K, N = _aligned(tma, M, K, N)
     a, b = _operand(M, K, dtype, a_t), _operand(K, N, dtype, b_t)
     mask = draw_block_mask(M, N, p, block, device=DEVICE)
     out = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)  # every element must be written
-    sparse_output_matmul(a, b, mask.tiles(), mask.block, mask.scale, out=out)
+    sparse_output_matmul(a, b, mask.tiles(), mask.block, mask.scale, out=out, tma=tma)
 
     def ref(a, b):
         return (a @ b) * mask.elements().to(a.dtype) * mask.scale
@@ -74,15 +84,16 @@ def test_sparse_output_matmul(M, K, N, p, block, dtype, a_t, b_t, seed):
     assert (out[~mask.elements()] == 0).all(), "dropped tiles are written as zeros"
 
 
-def test_per_row_counts_and_transposed_output():
+@pytest.mark.parametrize("tma", [False, True])
+def test_per_row_counts_and_transposed_output(tma):
     """The weight-gradient role: rows keep different numbers of tiles, output written transposed."""
     torch.manual_seed(1)
-    x, dy = torch.randn(150, 90, device=DEVICE), torch.randn(150, 70, device=DEVICE)
-    mask = draw_block_mask(150, 90, 0.5, (32, 16), device=DEVICE)
+    x, dy = torch.randn(152, 88, device=DEVICE), torch.randn(152, 72, device=DEVICE)
+    mask = draw_block_mask(152, 88, 0.5, (32, 16), device=DEVICE)
     rows, counts = mask.columns()
     assert counts.unique().numel() > 1, "the test needs unequal counts"
-    out = torch.empty(70, 90, device=DEVICE)
-    sparse_input_matmul(x.t(), dy, rows, counts, (16, 32), mask.scale, out=out.t())
+    out = torch.empty(72, 88, device=DEVICE)
+    sparse_input_matmul(x.t(), dy, rows, counts, (16, 32), mask.scale, out=out.t(), tma=tma)
     expected = dy.double().t() @ (x.double() * mask.elements()) * mask.scale
     assert_close(out, expected, dy.t() @ (x * mask.elements()) * mask.scale, "transposed role")
 
@@ -114,6 +125,15 @@ def test_launchers_reject_bad_operands():
         sparse_output_matmul(f32, f32, mask.tiles()[:1], mask.block, mask.scale)
     with pytest.raises(TypeError, match="keep must be"):
         sparse_output_matmul(f32, f32, mask.tiles().float(), mask.block, mask.scale)
+
+
+def test_tma_refuses_misaligned_operands():
+    mask = draw_block_mask(64, 60, 0.5, (32, 32), device=DEVICE)
+    a, b = torch.randn(64, 60, device=DEVICE).half(), torch.randn(60, 64, device=DEVICE).half()  # 120-byte rows
+    with pytest.raises(ValueError, match="tensor memory accelerator"):
+        _launch_input(a, b, mask, tma=True)
+    out = _launch_input(a, b, mask)  # tma=None falls back to the pointer kernel
+    assert_close(out, (a.double() * mask.elements()) @ b.double() * 2, (a * mask.elements()) @ b * 2, "fallback")
 
 
 def test_kernel_tiles_must_divide_the_mask_block():
