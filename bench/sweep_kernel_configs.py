@@ -20,11 +20,15 @@ from triton.testing import do_bench
 from slicecompile import draw_block_mask
 from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul
 
-VARIANTS = {  # name: (tma, persistent)
-    "pointer": (False, False),
-    "tma": (True, False),
-    "tma_persistent": (True, True),
+VARIANTS = {  # name: (tma, persistent, warp-specialised)
+    "pointer": (False, False, False),
+    "tma": (True, False, False),
+    "tma_persistent": (True, True, False),
+    "tma_persistent_ws": (True, True, True),
 }
+
+
+CONFIG_FIELDS = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"]
 
 
 def configs(role, variant):
@@ -32,9 +36,12 @@ def configs(role, variant):
     grid = itertools.product(block_n, [64], [4, 8], [3, 4, 5])
     if variant == "pointer":
         grid = [(128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3)]
+    if variant.endswith("_ws"):  # warp specialisation takes 4 warps
+        grid = itertools.product(block_n, [64], [4], [2, 3, 4, 5])
     extra = [(128, 128, 8, 3), (128, 128, 4, 4)]
     for bn, bk, warps, stages in [*grid, *extra]:
-        yield dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+        ws = dict(WARP_SPECIALIZE=True) if variant.endswith("_ws") else {}
+        yield dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages, **ws)
 
 
 def main():
@@ -43,6 +50,7 @@ def main():
     parser.add_argument("--p", type=float, default=0.5)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--roles", nargs="+", default=["fwd", "dx", "dw"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--csv", default=None, help="append every timing to this CSV")
     args = parser.parse_args()
     M, K, N = args.shape
@@ -87,7 +95,8 @@ def main():
     for role in args.roles:
         kernel, compact, limit = roles[role]
         limit_ms = do_bench(limit, return_mode="median")
-        for variant, (tma, persistent) in VARIANTS.items():
+        for variant in args.variants:
+            tma, persistent, _ = VARIANTS[variant]
             results = []
             for c in configs(role, variant):
                 launch = dict(c, PERSISTENT=persistent)
@@ -112,8 +121,9 @@ def main():
         new = not os.path.exists(args.csv)
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         with open(args.csv, "a", newline="") as f:
-            fields = ["gpu", "dtype", "M", "K", "N", "p", *rows_out[0].keys(), "torch", "triton", "timestamp"]
-            writer = csv.DictWriter(f, fieldnames=fields)
+            config = [*CONFIG_FIELDS, "WARP_SPECIALIZE"]
+            fields = ["gpu", "dtype", "M", "K", "N", "p", "role", "variant", "ms", "dense_ms", "limit_ms", *config]
+            writer = csv.DictWriter(f, fieldnames=[*fields, "torch", "triton", "timestamp"], restval=False)
             if new:
                 writer.writeheader()
             for r in rows_out:

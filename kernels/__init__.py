@@ -6,8 +6,23 @@ Masked-GEMM primitives, each usable in several roles by permuting operands:
 Nothing here imports slicecompile.
 """
 
+from . import sparse_input_matmul as _dsd
+from . import sparse_output_matmul as _sdd
 from .runtime import interpreting
 from .sparse_input_matmul import sparse_input_matmul
 from .sparse_output_matmul import sparse_output_matmul
 
-__all__ = ["interpreting", "sparse_input_matmul", "sparse_output_matmul"]
+
+def autotuners():
+    """The autotuned kernels by name (none under the interpreter); each one's .cache maps a
+    tuning key to the config it chose."""
+    tuners = {
+        "sparse_input_matmul": _dsd._tuned,
+        "sparse_input_matmul (tma)": _dsd._tuned_tma,
+        "sparse_output_matmul": _sdd._tuned,
+        "sparse_output_matmul (tma)": _sdd._tuned_tma,
+    }
+    return {name: tuner for name, tuner in tuners.items() if tuner is not None}
+
+
+__all__ = ["autotuners", "interpreting", "sparse_input_matmul", "sparse_output_matmul"]

@@ -1,4 +1,5 @@
-"""What every launcher needs: operand checks and the CPU interpreter's dtype limits."""
+"""What every launcher needs: operand checks, the CPU interpreter's dtype limits, autotuning,
+launch grids, and whether operands can be read by the tensor memory accelerator."""
 
 import contextlib
 import os
@@ -61,15 +62,16 @@ def size_key(n):
 
 
 def autotuned(kernel, configs, key, prune):
-    """kernel under triton.autotune: configs() are the candidates, prune(configs, named_args,
+    """kernel under triton.autotune over the candidate configs; prune(configs, named_args,
     **kwargs) fits them to the launch, and results are cached on disk (Triton's cache
-    directory), so the next process reuses them. None under the interpreter, which runs one
+    directory), so the next process reuses them. SLICECOMPILE_AUTOTUNE=0 keeps only the first
+    candidate (no tuning: quick starts, tests). None under the interpreter, which runs one
     explicit config (Triton cannot benchmark there)."""
     if interpreting():
         return None
-    return triton.autotune(configs(), key=key, prune_configs_by={"early_config_prune": prune}, cache_results=True)(
-        kernel
-    )
+    if os.environ.get("SLICECOMPILE_AUTOTUNE", "1") == "0":
+        configs = configs[:1]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, cache_results=True)(kernel)
 
 
 def fit_to_mask(configs, **limits):
@@ -95,7 +97,7 @@ def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persisten
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (tiles if programs is None else min(tiles, programs),)
+        return (tiles if programs is None else torch.sym_min(tiles, programs),)
 
     if config is not None:
         return traceable(kernel), grid(config), config

@@ -1,9 +1,9 @@
 import argparse
 import sys
 
-from . import demo
+from . import demo, tune
 
-COMMANDS = {"demo": demo.main}
+COMMANDS = {"demo": demo.main, "tune": tune.main}
 
 
 def main():

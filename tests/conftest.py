@@ -6,6 +6,9 @@ import torch
 # set before slicecompile.kernels is imported (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, one candidate config per kernel: the suite checks results, and tuning every shape
+# hypothesis draws would take most of its time. test_autotuning tunes for real.
+os.environ.setdefault("SLICECOMPILE_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

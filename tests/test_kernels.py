@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+import triton
 from hypothesis import given
 from hypothesis import strategies as st
 
 from slicecompile import draw_block_mask
 from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul
+from slicecompile.kernels.runtime import fit_to_mask, size_key
 
 from conftest import DEVICE
 from tolerance import assert_close
@@ -145,3 +147,39 @@ def test_kernel_tiles_must_divide_the_mask_block():
         _launch_input(f32, f32, mask, config=config)
     with pytest.raises(ValueError, match="must divide the mask's block"):
         sparse_output_matmul(f32, f32, mask.tiles(), mask.block, mask.scale, config=config)
+
+
+def test_size_keys_are_power_of_two_buckets():
+    assert [size_key(n) for n in (1, 2, 3, 200, 256, 257, 8192)] == [1, 2, 4, 256, 256, 512, 8192]
+
+
+def test_configs_shrink_to_fit_the_mask_block():
+    configs = [
+        triton.Config(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), num_warps=8, num_stages=3),
+        triton.Config(dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64), num_warps=8, num_stages=3),
+    ]
+    fitted = fit_to_mask(configs, BLOCK_M=32, BLOCK_K=128)
+    assert [c.kwargs for c in fitted] == [dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=64)], "shrunk, duplicates dropped"
+
+
+@pytest.mark.gpu
+def test_autotuning(monkeypatch):
+    """The tuned kernel picks a config that fits the mask, computes the right result, and sizes in
+    one power-of-two bucket share one tuning."""
+    from slicecompile.kernels import sparse_input_matmul as module
+    from slicecompile.kernels.runtime import autotuned
+
+    monkeypatch.setenv("SLICECOMPILE_AUTOTUNE", "1")
+    tuner = autotuned(module.sparse_input_matmul_tma_kernel, module._configs(tma=True), module._KEY, module._fit)
+    assert len(tuner.configs) > 1
+    monkeypatch.setattr(module, "_tuned_tma", tuner)
+    for M in (256, 200):
+        a = torch.randn(M, 256, device=DEVICE, dtype=torch.bfloat16)
+        b = torch.randn(256, 192, device=DEVICE, dtype=torch.bfloat16)
+        mask = draw_block_mask(M, 256, 0.5, (64, 64), device=DEVICE)
+        out = sparse_input_matmul(a, b, mask.kept, mask.count, mask.block, mask.scale)
+        ref = lambda a, b, mask=mask: (a * mask.elements().to(a.dtype)) @ b * mask.scale
+        assert_close(out, ref(a.double(), b.double()), ref(a, b), "autotuned")
+    assert len(tuner.cache) == 1, "M = 256 and M = 200 share a bucket"
+    (best,) = tuner.cache.values()
+    assert 64 % best.kwargs["BLOCK_M"] == 0 and 64 % best.kwargs["BLOCK_K"] == 0
