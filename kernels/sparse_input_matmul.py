@@ -129,6 +129,7 @@ def sparse_input_matmul_tma_kernel(
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False,
+    FLATTEN: tl.constexpr = True,
 ):
     """sparse_input_matmul_kernel with a and b read by the tensor memory accelerator: a has
     unit stride along K, or along M if A_T, and stride_a is its other stride; b has unit
@@ -140,7 +141,7 @@ def sparse_input_matmul_tma_kernel(
     SUB_K: tl.constexpr = MASK_BK // BLOCK_K
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(
-        tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True, warp_specialize=WARP_SPECIALIZE
+        tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
     ):
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         block_row = (pid_m * BLOCK_M) // MASK_BM

@@ -115,6 +115,7 @@ def sparse_output_matmul_tma_kernel(
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False,
+    FLATTEN: tl.constexpr = True,
 ):
     """sparse_output_matmul_kernel with a and b read by the tensor memory accelerator: a has
     unit stride along K, or along M if A_T, and stride_a is its other stride; b has unit
@@ -125,7 +126,7 @@ def sparse_output_matmul_tma_kernel(
     b_desc = block_descriptor(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(
-        tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True, warp_specialize=WARP_SPECIALIZE
+        tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
     ):
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         keep = _keep(keep_ptr, pid_m, pid_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN, BLOCK_M, BLOCK_N)
