@@ -11,11 +11,13 @@ if not torch.cuda.is_available():
 os.environ.setdefault("SLICECOMPILE_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
+from hypothesis import Phase, settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=20, print_blob=True)
+# On a GPU every new shape compiles kernels: report a failing example as found, unshrunk.
+settings.register_profile("gpu", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.register_profile("soak", deadline=None, max_examples=500, print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
