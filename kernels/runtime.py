@@ -86,18 +86,22 @@ def fit_to_mask(configs, **limits):
 
 def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persistent):
     """(launchable, grid, meta-parameters) for kernel: with an explicit config the plain kernel,
-    whose tiles must divide the mask's block; otherwise the autotuned one. A persistent kernel
-    gets at most one program per multiprocessor; config["PERSISTENT"] overrides that choice."""
+    whose tiles must divide the mask's block; otherwise the autotuned one. A kernel that can be
+    persistent (persistent=True) gets at most one program per multiprocessor unless its config
+    sets PERSISTENT=False; other kernels get one program per output tile."""
     config = None if config is None else dict(config)
     if config is not None:
-        persistent = config.pop("PERSISTENT", persistent)
+        if not persistent:
+            config.pop("PERSISTENT", None)
         if any(side % config[name] for name, side in zip(tile_names, mask_block)):
             raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
     programs = _multiprocessors() if persistent and not interpreting() else None
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (tiles if programs is None else torch.sym_min(tiles, programs),)
+        if programs is None or not meta.get("PERSISTENT", True):
+            return (tiles,)
+        return (torch.sym_min(tiles, programs),)
 
     if config is not None:
         return traceable(kernel), grid(config), config

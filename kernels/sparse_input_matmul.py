@@ -130,12 +130,14 @@ def sparse_input_matmul_tma_kernel(
     INPUT_PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False,
     FLATTEN: tl.constexpr = True,
+    PERSISTENT: tl.constexpr = True,
 ):
     """sparse_input_matmul_kernel with a and b read by the tensor memory accelerator: a has
     unit stride along K, or along M if A_T, and stride_a is its other stride; b has unit
     stride along N, or along K if B_T. Persistent: programs stride over the output tiles,
     so one tile's epilogue overlaps the next one's loads. WARP_SPECIALIZE gives the loads
-    and the matrix products warps of their own."""
+    and the matrix products warps of their own. PERSISTENT only tells the launcher to size the
+    grid at one program per multiprocessor rather than one per tile."""
     a_desc = block_descriptor(a_ptr, M, K, stride_a, BLOCK_M, BLOCK_K, A_T)
     b_desc = block_descriptor(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
     SUB_K: tl.constexpr = MASK_BK // BLOCK_K
@@ -171,21 +173,29 @@ def _store_output(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_
 
 def _configs(tma):
     """Autotuning candidates (tiles shrink to fit smaller mask blocks: fit_to_mask). On an H200
-    at bf16 (8192, 4096) -> 4096, p = 0.5, the forward was fastest with the TMA kernel at
-    128x256x64, 8 warps, 5 stages (0.251 ms against 0.323 for the pointer kernel), the weight
-    gradient at 128x128x64, 4 warps, 5 stages (0.247 against 0.277): bench/sweep_kernel_configs.py,
-    bench/results/kernel_configs.csv. Warp-specialised candidates need 4 warps."""
+    at bf16 (8192, 4096) -> 4096, p = 0.5, the forward was fastest with the persistent TMA
+    kernel, warp-specialised, at 128x128x64, 4 warps, 4 stages (0.239 ms; 0.251 at 128x256x64
+    with 8 warps, 5 stages, unspecialised; 0.323 for the pointer kernel), the weight gradient
+    with the TMA kernel at 128x128x64, 4 warps, 5 stages (0.247 against 0.277):
+    bench/sweep_kernel_configs.py, bench/results/kernel_configs.csv. Warp specialisation
+    needs 4 warps."""
     if not tma:
-        shapes = [(128, 64, 8, 3, None), (128, 64, 4, 4, None), (128, 128, 8, 3, None)]
-    else:
-        shapes = [(256, 64, 8, 5, False), (128, 64, 4, 5, False), (128, 64, 4, 3, True), (128, 64, 4, 4, True)]
+        return [
+            triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+            for bk, w, s in [(64, 8, 3), (64, 4, 4), (128, 8, 3)]
+        ]
     return [
         triton.Config(
-            dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, **({} if ws is None else dict(WARP_SPECIALIZE=ws))),
+            dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, WARP_SPECIALIZE=ws, PERSISTENT=persistent),
             num_warps=w,
             num_stages=s,
         )
-        for bn, bk, w, s, ws in shapes
+        for bn, w, s, ws, persistent in [
+            (128, 4, 4, True, True),
+            (256, 8, 5, False, True),
+            (128, 4, 5, False, False),
+            (256, 4, 3, True, True),
+        ]
     ]
 
 

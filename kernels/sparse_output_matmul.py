@@ -116,12 +116,14 @@ def sparse_output_matmul_tma_kernel(
     INPUT_PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False,
     FLATTEN: tl.constexpr = True,
+    PERSISTENT: tl.constexpr = True,
 ):
     """sparse_output_matmul_kernel with a and b read by the tensor memory accelerator: a has
     unit stride along K, or along M if A_T, and stride_a is its other stride; b has unit
     stride along N, or along K if B_T. Persistent: programs stride over the output tiles
     (dropped ones cost a store of zeros). WARP_SPECIALIZE gives the loads and the matrix
-    products warps of their own."""
+    products warps of their own. PERSISTENT only tells the launcher to size the grid at one
+    program per multiprocessor rather than one per tile."""
     a_desc = block_descriptor(a_ptr, M, K, stride_a, BLOCK_M, BLOCK_K, A_T)
     b_desc = block_descriptor(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -157,20 +159,27 @@ def _store_output(acc, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, scale)
 def _configs(tma):
     """Autotuning candidates (tiles shrink to fit smaller mask blocks: fit_to_mask). On an H200
     at bf16 (8192, 4096) -> 4096, p = 0.5, the input gradient was fastest with the persistent
-    TMA kernel at 128x128x64, 4 warps, 5 stages (0.240 ms against 0.295 for the pointer kernel):
-    bench/sweep_kernel_configs.py, bench/results/kernel_configs.csv. Warp-specialised
-    candidates need 4 warps."""
+    TMA kernel at 128x128x64, 4 warps, 5 stages (0.240 ms; 0.258 not persistent; 0.295 for the
+    pointer kernel): bench/sweep_kernel_configs.py, bench/results/kernel_configs.csv. A
+    persistent grid splits the tiles evenly but not the kept ones, so with long K loops the
+    hardware's own scheduling of one program per tile can win: both are candidates."""
     if not tma:
-        shapes = [(128, 8, 3, None), (64, 4, 4, None), (64, 8, 3, None)]
-    else:
-        shapes = [(64, 4, 5, False), (64, 4, 4, False), (64, 4, 3, True), (64, 4, 4, True)]
+        return [
+            triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+            for bk, w, s in [(128, 8, 3), (64, 4, 4), (64, 8, 3)]
+        ]
     return [
         triton.Config(
-            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, **({} if ws is None else dict(WARP_SPECIALIZE=ws))),
+            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, WARP_SPECIALIZE=ws, PERSISTENT=persistent),
             num_warps=w,
             num_stages=s,
         )
-        for bk, w, s, ws in shapes
+        for w, s, ws, persistent in [
+            (4, 5, False, True),
+            (4, 5, False, False),
+            (4, 4, True, True),
+            (8, 4, False, False),
+        ]
     ]
 
 

@@ -1,5 +1,7 @@
 """The masked-GEMM primitives against dense references under explicit masks."""
 
+import importlib
+
 import pytest
 import torch
 import triton
@@ -8,7 +10,7 @@ from hypothesis import strategies as st
 
 from slicecompile import draw_block_mask
 from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul
-from slicecompile.kernels.runtime import fit_to_mask, size_key
+from slicecompile.kernels.runtime import autotuned, fit_to_mask, size_key
 
 from conftest import DEVICE
 from tolerance import assert_close
@@ -166,8 +168,7 @@ def test_configs_shrink_to_fit_the_mask_block():
 def test_autotuning(monkeypatch):
     """The tuned kernel picks a config that fits the mask, computes the right result, and sizes in
     one power-of-two bucket share one tuning."""
-    from slicecompile.kernels import sparse_input_matmul as module
-    from slicecompile.kernels.runtime import autotuned
+    module = importlib.import_module("slicecompile.kernels.sparse_input_matmul")
 
     monkeypatch.setenv("SLICECOMPILE_AUTOTUNE", "1")
     tuner = autotuned(module.sparse_input_matmul_tma_kernel, module._configs(tma=True), module._KEY, module._fit)
