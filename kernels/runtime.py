@@ -74,14 +74,27 @@ def autotuned(kernel, configs, key, prune):
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, cache_results=True)(kernel)
 
 
-def fit_to_mask(configs, **limits):
+# Operand buffers in shared memory: a pipeline of num_stages keeps num_stages - 1 stages' tiles.
+# Under Hopper's 227 KB per multiprocessor, with room for the epilogue.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def fit_to_mask(configs, named_args, **limits):
     """configs with each named tile shrunk to its limit (a power of two, like the tiles, so a
-    shrunk tile still divides the mask's block); duplicates removed, order kept."""
+    shrunk tile still divides the mask's block), and pipelines shortened so that the operand
+    buffers of a's dtype (float32 needs twice bfloat16's) fit in shared memory; duplicates
+    removed, order kept."""
+    element_size = getattr(named_args.get("a_ptr"), "element_size", lambda: 4)()
     fitted = {}
     for c in configs:
         kwargs = {**c.kwargs, **{name: min(c.kwargs[name], limit) for name, limit in limits.items()}}
-        fitted.setdefault((tuple(sorted(kwargs.items())), c.num_warps, c.num_stages), (kwargs, c))
-    return [triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for kwargs, c in fitted.values()]
+        stage = (kwargs["BLOCK_M"] + kwargs["BLOCK_N"]) * kwargs["BLOCK_K"] * element_size
+        while kwargs["BLOCK_K"] > 16 and 2 * stage > SHARED_MEMORY_BUDGET:
+            kwargs["BLOCK_K"] //= 2
+            stage //= 2
+        stages = max(2, min(c.num_stages, SHARED_MEMORY_BUDGET // stage + 1))
+        fitted.setdefault((tuple(sorted(kwargs.items())), c.num_warps, stages), (kwargs, c.num_warps, stages))
+    return [triton.Config(kwargs, num_warps=warps, num_stages=stages) for kwargs, warps, stages in fitted.values()]
 
 
 def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persistent):
@@ -91,8 +104,11 @@ def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persisten
     sets PERSISTENT=False; other kernels get one program per output tile."""
     config = None if config is None else dict(config)
     if config is not None:
-        if not persistent:
+        if persistent:
+            config = {"WARP_SPECIALIZE": False, "PERSISTENT": True, **config}
+        else:
             config.pop("PERSISTENT", None)
+            config.pop("WARP_SPECIALIZE", None)
         if any(side % config[name] for name, side in zip(tile_names, mask_block)):
             raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
     programs = _multiprocessors() if persistent and not interpreting() else None
@@ -112,22 +128,29 @@ def _multiprocessors():
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def tma_layout(a, b, tma):
+TMA_MIN_BLOCK = 128
+
+
+def tma_layout(a, b, tma, mask_block):
     """(a_t, b_t) if a (M, K) @ b (K, N) can be read by the tensor memory accelerator, else None:
     a_t says a has unit stride along M rather than K, b_t that b has it along K rather than N.
     tma=None uses it on GPUs that have it (compute capability 9.0 and newer) for 16-bit operands;
-    tma=True insists (ValueError when the operands cannot be read that way); False never uses it."""
+    tma=True insists (ValueError when the operands cannot be read that way); False never uses it.
+    The TMA kernels' tiles are 128 on a side (smaller ones hit compiler failures on an H200 with
+    Triton 3.6), so the mask's block must be at least that."""
     if tma is False:
         return None
     layouts = [_unit_stride_dim(t) for t in (a, b)]
+    usable = None not in layouts and min(mask_block) >= TMA_MIN_BLOCK
     if tma is None:
         fast = a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0) and a.element_size() == 2
-        if not fast or None in layouts:
+        if not (fast and usable):
             return None
-    elif None in layouts:
+    elif not usable:
         raise ValueError(
             "operands cannot be read by the tensor memory accelerator: each needs a unit stride, "
-            "its other stride and its start aligned to 16 bytes"
+            f"its other stride and its start aligned to 16 bytes, and the mask's block {tuple(mask_block)} "
+            f"needs sides of at least {TMA_MIN_BLOCK}"
         )
     if a.is_cuda:
         triton.set_allocator(_descriptor_memory)

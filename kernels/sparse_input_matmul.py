@@ -128,9 +128,8 @@ def sparse_input_matmul_tma_kernel(
     GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr = False,
-    FLATTEN: tl.constexpr = True,
-    PERSISTENT: tl.constexpr = True,
+    WARP_SPECIALIZE: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """sparse_input_matmul_kernel with a and b read by the tensor memory accelerator: a has
     unit stride along K, or along M if A_T, and stride_a is its other stride; b has unit
@@ -143,7 +142,7 @@ def sparse_input_matmul_tma_kernel(
     SUB_K: tl.constexpr = MASK_BK // BLOCK_K
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(
-        tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+        tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True, warp_specialize=WARP_SPECIALIZE
     ):
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         block_row = (pid_m * BLOCK_M) // MASK_BM
@@ -200,7 +199,7 @@ def _configs(tma):
 
 
 def _fit(configs, named_args, **kwargs):
-    return fit_to_mask(configs, BLOCK_M=kwargs["MASK_BM"], BLOCK_K=kwargs["MASK_BK"])
+    return fit_to_mask(configs, named_args, BLOCK_M=kwargs["MASK_BM"], BLOCK_K=kwargs["MASK_BK"])
 
 
 _KEY = ["M_KEY", "N_KEY", "K_KEY", "A_T", "B_T", "MASK_BM", "MASK_BK"]
@@ -242,7 +241,7 @@ def sparse_input_matmul(
         raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
 
     with run_in_interpreter_dtype(out, a, b, bias) as (out_, a, b, bias):
-        layouts = tma_layout(a, b, tma)
+        layouts = tma_layout(a, b, tma, mask_block)
         a_t, b_t = (a.stride(0) == 1, b.stride(0) == 1) if layouts is None else layouts
         strides = (
             (a.stride(0), a.stride(1), b.stride(0), b.stride(1))

@@ -114,9 +114,8 @@ def sparse_output_matmul_tma_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr = False,
-    FLATTEN: tl.constexpr = True,
-    PERSISTENT: tl.constexpr = True,
+    WARP_SPECIALIZE: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """sparse_output_matmul_kernel with a and b read by the tensor memory accelerator: a has
     unit stride along K, or along M if A_T, and stride_a is its other stride; b has unit
@@ -128,7 +127,7 @@ def sparse_output_matmul_tma_kernel(
     b_desc = block_descriptor(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(
-        tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+        tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True, warp_specialize=WARP_SPECIALIZE
     ):
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         keep = _keep(keep_ptr, pid_m, pid_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN, BLOCK_M, BLOCK_N)
@@ -184,7 +183,7 @@ def _configs(tma):
 
 
 def _fit(configs, named_args, **kwargs):
-    return fit_to_mask(configs, BLOCK_M=kwargs["MASK_BM"], BLOCK_N=kwargs["MASK_BN"])
+    return fit_to_mask(configs, named_args, BLOCK_M=kwargs["MASK_BM"], BLOCK_N=kwargs["MASK_BN"])
 
 
 _KEY = ["M_KEY", "N_KEY", "K_KEY", "A_T", "B_T", "MASK_BM", "MASK_BN"]
@@ -220,7 +219,7 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
     keep = keep.to(torch.uint8)  # a no-op for uint8; bool is widened, not viewed (Inductor cannot view bool)
 
     with run_in_interpreter_dtype(out, a, b) as (out_, a, b):
-        layouts = tma_layout(a, b, tma)
+        layouts = tma_layout(a, b, tma, mask_block)
         a_t, b_t = (a.stride(0) == 1, b.stride(0) == 1) if layouts is None else layouts
         strides = (
             (a.stride(0), a.stride(1), b.stride(0), b.stride(1))

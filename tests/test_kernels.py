@@ -19,10 +19,13 @@ dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 blocks = st.tuples(st.sampled_from([16, 32, 64]), st.sampled_from([16, 32, 64]))
 
 
-def _aligned(tma, *sizes):
-    """Sizes rounded up to multiples of 8 when the operands are read by the tensor memory
-    accelerator, which needs 16-byte aligned rows; ragged against the mask's block still."""
-    return tuple(-(-n // 8) * 8 for n in sizes) if tma else sizes
+def _for_tma(tma, block, *sizes):
+    """The mask's block and sizes for the tensor-memory-accelerator kernels when tma is set: their
+    tiles need blocks of 128 and their descriptors 16-byte aligned rows (sizes rounded up to
+    multiples of 8, still ragged against the block)."""
+    if not tma:
+        return (block, *sizes)
+    return ((128, 128), *(-(-n // 8) * 8 for n in sizes))
 
 
 def _operand(rows, cols, dtype, transposed):
@@ -47,7 +50,7 @@ def _operand(rows, cols, dtype, transposed):
 )
 def test_sparse_input_matmul(M, K, N, p, block, dtype, bias, a_t, b_t, tma, seed):
     torch.manual_seed(seed)
-    M, K, N = _aligned(tma, M, K, N)
+    block, M, K, N = _for_tma(tma, block, M, K, N)
     a, b = _operand(M, K, dtype, a_t), _operand(K, N, dtype, b_t)
     c_bias = torch.randn(N, device=DEVICE).to(dtype) if bias else None
     mask = draw_block_mask(M, K, p, block, device=DEVICE)
@@ -75,7 +78,7 @@ def test_sparse_input_matmul(M, K, N, p, block, dtype, bias, a_t, b_t, tma, seed
 )
 def test_sparse_output_matmul(M, K, N, p, block, dtype, a_t, b_t, tma, seed):
     torch.manual_seed(seed)
-    M, K, N = _aligned(tma, M, K, N)
+    block, M, K, N = _for_tma(tma, block, M, K, N)
     a, b = _operand(M, K, dtype, a_t), _operand(K, N, dtype, b_t)
     mask = draw_block_mask(M, N, p, block, device=DEVICE)
     out = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)  # every element must be written
@@ -88,18 +91,18 @@ def test_sparse_output_matmul(M, K, N, p, block, dtype, a_t, b_t, tma, seed):
     assert (out[~mask.elements()] == 0).all(), "dropped tiles are written as zeros"
 
 
-@pytest.mark.parametrize("tma", [False, True])
-def test_per_row_counts_and_transposed_output(tma):
+@pytest.mark.parametrize("tma, block, M, K", [(False, (32, 16), 152, 88), (True, (128, 128), 1000, 264)])
+def test_per_row_counts_and_transposed_output(tma, block, M, K):
     """The weight-gradient role: rows keep different numbers of tiles, output written transposed."""
     torch.manual_seed(1)
-    x, dy = torch.randn(152, 88, device=DEVICE), torch.randn(152, 72, device=DEVICE)
-    mask = draw_block_mask(152, 88, 0.5, (32, 16), device=DEVICE)
+    x, dy = torch.randn(M, K, device=DEVICE).half(), torch.randn(M, 72, device=DEVICE).half()
+    mask = draw_block_mask(M, K, 0.5, block, device=DEVICE)
     rows, counts = mask.columns()
     assert counts.unique().numel() > 1, "the test needs unequal counts"
-    out = torch.empty(72, 88, device=DEVICE)
-    sparse_input_matmul(x.t(), dy, rows, counts, (16, 32), mask.scale, out=out.t(), tma=tma)
+    out = torch.empty(72, K, device=DEVICE).half()
+    sparse_input_matmul(x.t(), dy, rows, counts, block[::-1], mask.scale, out=out.t(), tma=tma)
     expected = dy.double().t() @ (x.double() * mask.elements()) * mask.scale
-    assert_close(out, expected, dy.t() @ (x * mask.elements()) * mask.scale, "transposed role")
+    assert_close(out, expected, dy.t() @ (x * mask.elements().half()) * mask.scale, "transposed role")
 
 
 def _launch_input(a, b, mask, **kw):
@@ -131,11 +134,15 @@ def test_launchers_reject_bad_operands():
         sparse_output_matmul(f32, f32, mask.tiles().float(), mask.block, mask.scale)
 
 
-def test_tma_refuses_misaligned_operands():
-    mask = draw_block_mask(64, 60, 0.5, (32, 32), device=DEVICE)
+def test_tma_refuses_misaligned_operands_and_small_blocks():
+    mask = draw_block_mask(64, 60, 0.5, (128, 128), device=DEVICE)
     a, b = torch.randn(64, 60, device=DEVICE).half(), torch.randn(60, 64, device=DEVICE).half()  # 120-byte rows
     with pytest.raises(ValueError, match="tensor memory accelerator"):
         _launch_input(a, b, mask, tma=True)
+    small = draw_block_mask(64, 64, 0.5, (64, 64), device=DEVICE)
+    with pytest.raises(ValueError, match="at least 128"):
+        _launch_input(a[:, :56], b[:56], small, tma=True)
+    mask = draw_block_mask(64, 60, 0.5, (32, 32), device=DEVICE)
     out = _launch_input(a, b, mask)  # tma=None falls back to the pointer kernel
     assert_close(out, (a.double() * mask.elements()) @ b.double() * 2, (a * mask.elements()) @ b * 2, "fallback")
 
@@ -160,7 +167,7 @@ def test_configs_shrink_to_fit_the_mask_block():
         triton.Config(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), num_warps=8, num_stages=3),
         triton.Config(dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64), num_warps=8, num_stages=3),
     ]
-    fitted = fit_to_mask(configs, BLOCK_M=32, BLOCK_K=128)
+    fitted = fit_to_mask(configs, {}, BLOCK_M=32, BLOCK_K=128)
     assert [c.kwargs for c in fitted] == [dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=64)], "shrunk, duplicates dropped"
 
 
@@ -177,10 +184,10 @@ def test_autotuning(monkeypatch):
     for M in (256, 200):
         a = torch.randn(M, 256, device=DEVICE, dtype=torch.bfloat16)
         b = torch.randn(256, 192, device=DEVICE, dtype=torch.bfloat16)
-        mask = draw_block_mask(M, 256, 0.5, (64, 64), device=DEVICE)
+        mask = draw_block_mask(M, 256, 0.5, (128, 128), device=DEVICE)
         out = sparse_input_matmul(a, b, mask.kept, mask.count, mask.block, mask.scale)
         ref = lambda a, b, mask=mask: (a * mask.elements().to(a.dtype)) @ b * mask.scale
         assert_close(out, ref(a.double(), b.double()), ref(a, b), "autotuned")
     assert len(tuner.cache) == 1, "M = 256 and M = 200 share a bucket"
     (best,) = tuner.cache.values()
-    assert 64 % best.kwargs["BLOCK_M"] == 0 and 64 % best.kwargs["BLOCK_K"] == 0
+    assert 128 % best.kwargs["BLOCK_M"] == 0 and 128 % best.kwargs["BLOCK_K"] == 0
