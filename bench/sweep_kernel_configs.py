@@ -20,11 +20,10 @@ from triton.testing import do_bench
 from slicecompile import draw_block_mask
 from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul
 
-VARIANTS = {  # name: (tma, persistent, warp-specialised)
-    "pointer": (False, False, False),
-    "tma": (True, False, False),
-    "tma_persistent": (True, True, False),
-    "tma_persistent_ws": (True, True, True),
+VARIANTS = {  # name: (tma, persistent)
+    "pointer": (False, False),
+    "tma": (True, False),
+    "tma_persistent": (True, True),
 }
 
 
@@ -36,12 +35,9 @@ def configs(role, variant):
     grid = itertools.product(block_n, [64], [4, 8], [3, 4, 5])
     if variant == "pointer":
         grid = [(128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3)]
-    if variant.endswith("_ws"):  # warp specialisation takes 4 warps
-        grid = itertools.product(block_n, [64], [4], [2, 3, 4, 5])
     extra = [(128, 128, 8, 3), (128, 128, 4, 4)]
     for bn, bk, warps, stages in [*grid, *extra]:
-        ws = dict(WARP_SPECIALIZE=True) if variant.endswith("_ws") else {}
-        yield dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages, **ws)
+        yield dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
 def main():
@@ -96,7 +92,7 @@ def main():
         kernel, compact, limit = roles[role]
         limit_ms = do_bench(limit, return_mode="median")
         for variant in args.variants:
-            tma, persistent, _ = VARIANTS[variant]
+            tma, persistent = VARIANTS[variant]
             results = []
             for c in configs(role, variant):
                 launch = dict(c, PERSISTENT=persistent)
@@ -121,7 +117,7 @@ def main():
         new = not os.path.exists(args.csv)
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         with open(args.csv, "a", newline="") as f:
-            config = [*CONFIG_FIELDS, "WARP_SPECIALIZE"]
+            config = [*CONFIG_FIELDS, "WARP_SPECIALIZE"]  # earlier sweeps tried Triton's warp specialisation
             fields = ["gpu", "dtype", "M", "K", "N", "p", "role", "variant", "ms", "dense_ms", "limit_ms", *config]
             writer = csv.DictWriter(f, fieldnames=[*fields, "torch", "triton", "timestamp"], restval=False)
             if new:

@@ -65,12 +65,10 @@ def autotuned(kernel, configs, key, prune):
     """kernel under triton.autotune over the candidate configs; prune(configs, named_args,
     **kwargs) fits them to the launch, and results are cached on disk (Triton's cache
     directory), so the next process reuses them. SLICECOMPILE_AUTOTUNE=0 keeps only the first
-    candidate (no tuning: quick starts, tests). None under the interpreter, which runs one
+    candidate, fitted (no tuning: quick starts, tests). None under the interpreter, which runs one
     explicit config (Triton cannot benchmark there)."""
     if interpreting():
         return None
-    if os.environ.get("SLICECOMPILE_AUTOTUNE", "1") == "0":
-        configs = configs[:1]
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, cache_results=True)(kernel)
 
 
@@ -97,18 +95,21 @@ def fit_to_mask(configs, named_args, **limits):
     return [triton.Config(kwargs, num_warps=warps, num_stages=stages) for kwargs, warps, stages in fitted.values()]
 
 
-def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persistent):
-    """(launchable, grid, meta-parameters) for kernel: with an explicit config the plain kernel,
-    whose tiles must divide the mask's block; otherwise the autotuned one. A kernel that can be
-    persistent (persistent=True) gets at most one program per multiprocessor unless its config
-    sets PERSISTENT=False; other kernels get one program per output tile."""
-    config = None if config is None else dict(config)
+def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persistent, a):
+    """(launchable, grid, meta-parameters) for kernel on operand a: with an explicit config, or
+    with SLICECOMPILE_AUTOTUNE=0 (the first candidate, fitted), the plain kernel, whose tiles
+    must divide the mask's block; otherwise the autotuned one. A kernel that can be persistent
+    (persistent=True) gets at most one program per multiprocessor unless its config sets
+    PERSISTENT=False; other kernels get one program per output tile."""
+    if config is None and os.environ.get("SLICECOMPILE_AUTOTUNE", "1") == "0":
+        (first,) = fit_to_mask(tuned.configs[:1], {"a_ptr": a}, **dict(zip(tile_names, mask_block)))
+        config = dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
     if config is not None:
+        config = dict(config)
         if persistent:
-            config = {"WARP_SPECIALIZE": False, "PERSISTENT": True, **config}
+            config.setdefault("PERSISTENT", True)
         else:
             config.pop("PERSISTENT", None)
-            config.pop("WARP_SPECIALIZE", None)
         if any(side % config[name] for name, side in zip(tile_names, mask_block)):
             raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
     programs = _multiprocessors() if persistent and not interpreting() else None

@@ -69,6 +69,7 @@ def sparse_input_matmul_kernel(
     BLOCK_M divides MASK_BM and BLOCK_K divides MASK_BK, so the tiles the kernel uses
     never change which elements are dropped. *_KEY (sizes rounded up to powers of two),
     A_T and B_T (unit stride along M, along K) only key the autotuning."""
+    tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BK % BLOCK_K == 0, "tiles must divide the mask's block")
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,22 +129,19 @@ def sparse_input_matmul_tma_kernel(
     GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
     """sparse_input_matmul_kernel with a and b read by the tensor memory accelerator: a has
     unit stride along K, or along M if A_T, and stride_a is its other stride; b has unit
     stride along N, or along K if B_T. Persistent: programs stride over the output tiles,
-    so one tile's epilogue overlaps the next one's loads. WARP_SPECIALIZE gives the loads
-    and the matrix products warps of their own. PERSISTENT only tells the launcher to size the
+    so one tile's epilogue overlaps the next one's loads. PERSISTENT only tells the launcher to size the
     grid at one program per multiprocessor rather than one per tile."""
+    tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BK % BLOCK_K == 0, "tiles must divide the mask's block")
     a_desc = block_descriptor(a_ptr, M, K, stride_a, BLOCK_M, BLOCK_K, A_T)
     b_desc = block_descriptor(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
     SUB_K: tl.constexpr = MASK_BK // BLOCK_K
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile_id in tl.range(
-        tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True, warp_specialize=WARP_SPECIALIZE
-    ):
+    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         block_row = (pid_m * BLOCK_M) // MASK_BM
         kept_row = kept_ptr + block_row * stride_kept_m
@@ -172,12 +170,12 @@ def _store_output(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_
 
 def _configs(tma):
     """Autotuning candidates (tiles shrink to fit smaller mask blocks: fit_to_mask). On an H200
-    at bf16 (8192, 4096) -> 4096, p = 0.5, the forward was fastest with the persistent TMA
-    kernel, warp-specialised, at 128x128x64, 4 warps, 4 stages (0.239 ms; 0.251 at 128x256x64
-    with 8 warps, 5 stages, unspecialised; 0.323 for the pointer kernel), the weight gradient
-    with the TMA kernel at 128x128x64, 4 warps, 5 stages (0.247 against 0.277):
-    bench/sweep_kernel_configs.py, bench/results/kernel_configs.csv. Warp specialisation
-    needs 4 warps."""
+    at bf16 (8192, 4096) -> 4096, p = 0.5, the forward was fastest with the persistent TMA kernel
+    at 128x256x64, 8 warps, 5 stages (0.251 ms against 0.323 for the pointer kernel), the weight
+    gradient with the TMA kernel at 128x128x64, 4 warps, 5 stages, one program per tile (0.247
+    against 0.277): bench/sweep_kernel_configs.py, bench/results/kernel_configs.csv. Triton's
+    warp specialisation ran the forward in 0.239 ms but gave wrong results on small shapes
+    (Triton 3.6), so it is not a candidate."""
     if not tma:
         return [
             triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
@@ -185,16 +183,9 @@ def _configs(tma):
         ]
     return [
         triton.Config(
-            dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, WARP_SPECIALIZE=ws, PERSISTENT=persistent),
-            num_warps=w,
-            num_stages=s,
+            dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, PERSISTENT=persistent), num_warps=w, num_stages=s
         )
-        for bn, w, s, ws, persistent in [
-            (128, 4, 4, True, True),
-            (256, 8, 5, False, True),
-            (128, 4, 5, False, False),
-            (256, 4, 3, True, True),
-        ]
+        for bn, w, s, persistent in [(256, 8, 5, True), (128, 4, 5, False), (128, 4, 5, True), (128, 8, 5, True)]
     ]
 
 
@@ -252,7 +243,7 @@ def sparse_input_matmul(
         tuned = _tuned if layouts is None else _tuned_tma
         config = config or (_interpreter_config(mask_block) if interpreting() else None)
         launch, grid, meta = launch_config(
-            kernel, tuned, config, ("BLOCK_M", "BLOCK_K"), mask_block, M, N, persistent=layouts is not None
+            kernel, tuned, config, ("BLOCK_M", "BLOCK_K"), mask_block, M, N, persistent=layouts is not None, a=a
         )
         launch[grid](
             a,

@@ -63,6 +63,7 @@ def sparse_output_matmul_kernel(
     """a: (M, K), b: (K, N), c: (M, N), keep: (cdiv(M, MASK_BM), cdiv(N, MASK_BN)) uint8.
     BLOCK_M divides MASK_BM and BLOCK_N divides MASK_BN. *_KEY (sizes rounded up to powers
     of two), A_T and B_T (unit stride along M, along K) only key the autotuning."""
+    tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BN % BLOCK_N == 0, "tiles must divide the mask's block")
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,21 +115,18 @@ def sparse_output_matmul_tma_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
     """sparse_output_matmul_kernel with a and b read by the tensor memory accelerator: a has
     unit stride along K, or along M if A_T, and stride_a is its other stride; b has unit
     stride along N, or along K if B_T. Persistent: programs stride over the output tiles
-    (dropped ones cost a store of zeros). WARP_SPECIALIZE gives the loads and the matrix
-    products warps of their own. PERSISTENT only tells the launcher to size the grid at one
+    (dropped ones cost a store of zeros). PERSISTENT only tells the launcher to size the grid at one
     program per multiprocessor rather than one per tile."""
+    tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BN % BLOCK_N == 0, "tiles must divide the mask's block")
     a_desc = block_descriptor(a_ptr, M, K, stride_a, BLOCK_M, BLOCK_K, A_T)
     b_desc = block_descriptor(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_T)
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile_id in tl.range(
-        tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True, warp_specialize=WARP_SPECIALIZE
-    ):
+    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         keep = _keep(keep_ptr, pid_m, pid_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN, BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -165,20 +163,13 @@ def _configs(tma):
     if not tma:
         return [
             triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-            for bk, w, s in [(128, 8, 3), (64, 4, 4), (64, 8, 3)]
+            for bk, w, s in [(64, 4, 4), (128, 8, 3), (64, 8, 3)]
         ]
     return [
         triton.Config(
-            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, WARP_SPECIALIZE=ws, PERSISTENT=persistent),
-            num_warps=w,
-            num_stages=s,
+            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, PERSISTENT=persistent), num_warps=w, num_stages=s
         )
-        for w, s, ws, persistent in [
-            (4, 5, False, True),
-            (4, 5, False, False),
-            (4, 4, True, True),
-            (8, 4, False, False),
-        ]
+        for w, s, persistent in [(4, 5, True), (4, 5, False), (4, 4, True), (8, 4, False)]
     ]
 
 
@@ -230,7 +221,7 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
         tuned = _tuned if layouts is None else _tuned_tma
         config = config or (_interpreter_config(mask_block) if interpreting() else None)
         launch, grid, meta = launch_config(
-            kernel, tuned, config, ("BLOCK_M", "BLOCK_N"), mask_block, M, N, persistent=layouts is not None
+            kernel, tuned, config, ("BLOCK_M", "BLOCK_N"), mask_block, M, N, persistent=layouts is not None, a=a
         )
         launch[grid](
             a,
