@@ -46,6 +46,7 @@ def providers(x, w, p, block):
 
 
 def run(shape, p, block, dtype, device, only=None):
+    torch._dynamo.reset()  # each (shape, p) compiles afresh instead of hitting the recompile limit
     M, K, N = shape
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(N, K, device=device) / K**0.5).to(dtype).requires_grad_()

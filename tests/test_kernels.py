@@ -175,15 +175,15 @@ def test_configs_shrink_to_fit_the_mask_block():
 
 _TUNE = """
 import torch
-from slicecompile import draw_block_mask
-from slicecompile.kernels import autotuners, sparse_input_matmul
+from slicecompile import dropout_linear_with_mask, draw_block_mask
+from slicecompile.kernels import autotuners
 for M in (256, 200):
-    a = torch.randn(M, 256, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(256, 192, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(192, 256, device="cuda", dtype=torch.bfloat16)
     mask = draw_block_mask(M, 256, 0.5, (128, 128), device="cuda")
-    out = sparse_input_matmul(a, b, mask.kept, mask.count, mask.block, mask.scale)
-    ref = (a.double() * mask.elements()) @ b.double() * mask.scale
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    y = dropout_linear_with_mask(x, w, None, mask)
+    ref = (x.double() * mask.elements()) @ w.double().t() * mask.scale
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
 tuner = autotuners()["sparse_input_matmul (tma)"]
 (config,) = tuner.cache.values()  # M = 256 and M = 200 share one power-of-two bucket
 assert 128 % config.kwargs["BLOCK_M"] == 0 and 128 % config.kwargs["BLOCK_K"] == 0
