@@ -138,8 +138,9 @@ def tma_layout(a, b, tma, mask_block):
     tma=None uses it on GPUs that have it (compute capability 9.0 and newer) for 16-bit operands;
     tma=True insists (ValueError when the operands cannot be read that way); False never uses it.
     The TMA kernels' tiles are 128 on a side (smaller ones hit compiler failures on an H200 with
-    Triton 3.6), so the mask's block must be at least that."""
-    if tma is False:
+    Triton 3.6), so the mask's block must be at least that. SLICECOMPILE_TMA=0 turns it off
+    everywhere (the portable kernels then run on every GPU)."""
+    if tma is False or os.environ.get("SLICECOMPILE_TMA", "1") == "0":
         return None
     layouts = [_unit_stride_dim(t) for t in (a, b)]
     usable = None not in layouts and min(mask_block) >= TMA_MIN_BLOCK
