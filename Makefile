@@ -1,4 +1,4 @@
-.PHONY: test soak lint format demo bench
+.PHONY: test soak lint format demo bench tune
 
 test:
 	python -m pytest
@@ -15,5 +15,10 @@ format:
 demo:
 	python -m slicecompile demo
 
-bench:  # needs a CUDA GPU
-	python bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0 0.5
+bench:  # needs a CUDA GPU; bench/README.md has the full set of commands
+	python bench/bench_dropout_linear.py --shapes 8192,4096,4096 8192,16384,4096 16384,4096,16384 4096,1024,4096 \
+		--p 0 0.1 0.25 0.5 0.75 --providers dense dropout_eager limit slicecompile
+	python bench/plot_dropout_linear.py --dtype bfloat16 --mode full_kernels
+
+tune:  # needs a CUDA GPU
+	python -m slicecompile tune --shapes 8192,4096,4096 --p 0.5

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine with torch and triton installed: install slicecompile in place, then run
 # the named parts (default: all) — tests: the test suite on the GPU and the demo; kernels: the
-# dropout_linear benchmark and the block sweep behind DEFAULT_BLOCK; encoder: the 4-layer
-# encoder training step. CSV rows go to bench/results/, logs to ${OUT:-bench/results}.
+# kernel-variant sweep, the dropout_linear benchmarks (bf16, fp16, fp32) and the block sweep
+# behind DEFAULT_BLOCK; encoder: the 4-layer encoder training step. CSV rows go to bench/results/, logs to ${OUT:-bench/results}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
@@ -17,7 +17,17 @@ for part in $parts; do
       python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$out/pytest_gpu.log" | tail -15
       python3 -m slicecompile demo 2>&1 | tee "$out/demo_gpu.log" ;;
     kernels)
-      python3 bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0 0.5 2>&1 | tee "$out/bench_main.log"
+      python3 bench/sweep_kernel_configs.py --shape 8192 4096 4096 --p 0.5 --csv bench/results/kernel_configs.csv \
+        2>&1 | tee "$out/sweep_kernel_configs.log"
+      S="--shapes 8192,4096,4096 8192,16384,4096 16384,4096,16384 4096,1024,4096"
+      python3 bench/bench_dropout_linear.py $S --p 0 0.1 0.25 0.5 0.75 --providers dense dropout_eager limit \
+        slicecompile 2>&1 | tee "$out/bench_bf16.log"
+      python3 bench/bench_dropout_linear.py $S --p 0.1 0.5 --providers dropout_inductor slicecompile_inductor 2>&1 \
+        | tee "$out/bench_bf16_inductor.log"
+      python3 bench/bench_dropout_linear.py $S --dtype float16 --p 0 0.1 0.5 --providers dense dropout_eager limit \
+        slicecompile 2>&1 | tee "$out/bench_fp16.log"
+      python3 bench/bench_dropout_linear.py --dtype float32 --p 0.5 --providers dense dropout_eager limit slicecompile \
+        2>&1 | tee "$out/bench_fp32.log"
       python3 bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0.5 --providers dense slicecompile \
         --blocks 64,64 64,128 128,64 128,128 256,128 128,256 --csv dropout_linear_blocks.csv 2>&1 \
         | tee "$out/bench_blocks.log" ;;
