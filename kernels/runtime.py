@@ -64,8 +64,7 @@ def size_key(n):
 def autotuned(kernel, configs, key, prune):
     """kernel under triton.autotune over the candidate configs; prune(configs, named_args,
     **kwargs) fits them to the launch, and results are cached on disk (Triton's cache
-    directory), so the next process reuses them. SLICECOMPILE_AUTOTUNE=0 keeps only the first
-    candidate, fitted (no tuning: quick starts, tests). None under the interpreter, which runs one
+    directory), so the next process reuses them. None under the interpreter, which runs one
     explicit config (Triton cannot benchmark there)."""
     if interpreting():
         return None
@@ -162,8 +161,8 @@ def tma_layout(a, b, tma, mask_block):
 def _unit_stride_dim(t):
     """The dim of 2-D t along which it has unit stride, if its other stride and its start are
     16-byte aligned (what tensor-memory-accelerator descriptors need); else None."""
-    start = t.storage_offset() if is_fake(t) else t.data_ptr()
-    if (start * (t.element_size() if is_fake(t) else 1)) % 16:
+    start = t.storage_offset() * t.element_size() if is_fake(t) else t.data_ptr()
+    if start % 16:
         return None
     for dim in (1, 0):
         if t.stride(dim) == 1 and (t.stride(1 - dim) * t.element_size()) % 16 == 0:
