@@ -4,14 +4,19 @@ from .dropout_linear_op import DEFAULT_BLOCK, dropout_linear, dropout_linear_wit
 from .explain import explain
 from .masks import BlockMask, draw_block_mask
 from .reference import dropout_linear_reference
+from .slice_dropout import SliceMask, draw_slice_mask, slice_dropout_linear, slice_dropout_linear_with_mask
 
 __all__ = [
     "DEFAULT_BLOCK",
     "BlockMask",
+    "SliceMask",
     "draw_block_mask",
+    "draw_slice_mask",
     "dropout_linear",
     "dropout_linear_reference",
     "dropout_linear_with_mask",
     "explain",
+    "slice_dropout_linear",
+    "slice_dropout_linear_with_mask",
 ]
 __version__ = "0.1.0"

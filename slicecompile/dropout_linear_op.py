@@ -22,6 +22,7 @@ from . import reference
 from .checks import check_block, check_linear_operands, check_mask_fits, check_p
 from .kernels import interpreting, sparse_input_matmul, sparse_output_matmul
 from .masks import BlockMask, column_index, draw_block_mask, expand_tiles
+from .slice_dropout import slice_dropout_linear
 
 # (BM, BK) = (128, 128), SparseDrop's tile: GPU time of a p = 0.5 training step at bf16
 # (8192, 4096) -> 4096 on an H200 is 0.871 ms, against 1.220 for (64, 64), 1.076 for (128, 64)
@@ -128,11 +129,19 @@ def _backward(ctx, grad_out):
 block_dropout_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def dropout_linear(x, weight, bias=None, p=0.5, block=DEFAULT_BLOCK, training=True):
+POLICIES = ("block", "slice")
+
+
+def dropout_linear(x, weight, bias=None, p=0.5, block=DEFAULT_BLOCK, training=True, policy="block"):
     """F.linear(block_dropout(x), weight, bias): whole (BM, BK) tiles of x, flattened to
     (rows, in_features), are kept or dropped, every block-row keeping the same number of
     tiles; kept values are scaled by 1 / (1 - p). With training=False or p=0 this is
-    exactly F.linear(x, weight, bias). p must be in [0, 1)."""
+    exactly F.linear(x, weight, bias). p must be in [0, 1). policy="slice" keeps one
+    contiguous window of features for every row instead (slice_dropout_linear; block unused)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; known policies: {', '.join(POLICIES)}")
+    if policy == "slice":
+        return slice_dropout_linear(x, weight, bias, p=p, training=training)
     check_linear_operands(x, weight, bias)
     check_p(p)
     block = check_block(block)
