@@ -2,6 +2,7 @@
 launch grids, and whether operands can be read by the tensor memory accelerator."""
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -125,26 +126,47 @@ def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persisten
 
 
 def _multiprocessors():
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return _device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def _device_properties(index):
+    """index None: the current GPU."""
+    return _properties_of(torch.cuda.current_device() if index is None else index)
+
+
+@functools.cache
+def _properties_of(index):
+    """Read once per GPU: the launchers consult it on every call."""
+    return torch.cuda.get_device_properties(index)
 
 
 TMA_MIN_BLOCK = 128
 
 
-def tma_layout(a, b, tma, mask_block):
-    """(a_t, b_t) if a (M, K) @ b (K, N) can be read by the tensor memory accelerator, else None:
-    a_t says a has unit stride along M rather than K, b_t that b has it along K rather than N.
-    tma=None uses it on GPUs that have it (compute capability 9.0 and newer) for 16-bit operands;
-    tma=True insists (ValueError when the operands cannot be read that way); False never uses it.
-    The TMA kernels' tiles are 128 on a side (smaller ones hit compiler failures on an H200 with
-    Triton 3.6), so the mask's block must be at least that. SLICECOMPILE_TMA=0 turns it off
-    everywhere (the portable kernels then run on every GPU)."""
+def kernel_operands(a, b, tma, mask_block):
+    """How the kernels read a (M, K) @ b (K, N): (use_tma, a_t, b_t, strides). a_t says a has
+    unit stride along M rather than K, b_t that b has it along K rather than N. The pointer
+    kernels take all four strides; the TMA kernels each operand's non-unit stride.
+    tma=None uses the tensor memory accelerator on GPUs that have it (compute capability 9.0
+    and newer) for 16-bit operands; tma=True insists (ValueError when the operands cannot be
+    read that way); False never uses it. The TMA kernels' tiles are 128 on a side (smaller ones
+    hit compiler failures on an H200 with Triton 3.6), so the mask's block must be at least
+    that. SLICECOMPILE_TMA=0 turns it off everywhere (the portable kernels then run on every GPU)."""
+    layouts = _tma_layouts(a, b, tma, mask_block)
+    if layouts is None:
+        return False, a.stride(0) == 1, b.stride(0) == 1, (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    a_t, b_t = layouts
+    return True, a_t, b_t, (a.stride(1 if a_t else 0), b.stride(1 if b_t else 0))
+
+
+def _tma_layouts(a, b, tma, mask_block):
+    """(a_t, b_t) if the tensor memory accelerator reads the operands (see kernel_operands), else None."""
     if tma is False or os.environ.get("SLICECOMPILE_TMA", "1") == "0":
         return None
     layouts = [_unit_stride_dim(t) for t in (a, b)]
     usable = None not in layouts and min(mask_block) >= TMA_MIN_BLOCK
     if tma is None:
-        fast = a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0) and a.element_size() == 2
+        fast = a.is_cuda and a.element_size() == 2 and _device_properties(a.device.index).major >= 9
         if not (fast and usable):
             return None
     elif not usable:

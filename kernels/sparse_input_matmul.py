@@ -21,10 +21,10 @@ from .runtime import (
     check_matmul_operands,
     fit_to_mask,
     interpreting,
+    kernel_operands,
     launch_config,
     run_in_interpreter_dtype,
     size_key,
-    tma_layout,
 )
 from .tiling import block_descriptor, grouped_tile, load_block
 
@@ -232,18 +232,13 @@ def sparse_input_matmul(
         raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
 
     with run_in_interpreter_dtype(out, a, b, bias) as (out_, a, b, bias):
-        layouts = tma_layout(a, b, tma, mask_block)
-        a_t, b_t = (a.stride(0) == 1, b.stride(0) == 1) if layouts is None else layouts
-        strides = (
-            (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
-            if layouts is None
-            else (a.stride(1 if a_t else 0), b.stride(1 if b_t else 0))
+        use_tma, a_t, b_t, strides = kernel_operands(a, b, tma, mask_block)
+        kernel, tuned = (
+            (sparse_input_matmul_tma_kernel, _tuned_tma) if use_tma else (sparse_input_matmul_kernel, _tuned)
         )
-        kernel = sparse_input_matmul_kernel if layouts is None else sparse_input_matmul_tma_kernel
-        tuned = _tuned if layouts is None else _tuned_tma
         config = config or (_interpreter_config(mask_block) if interpreting() else None)
         launch, grid, meta = launch_config(
-            kernel, tuned, config, ("BLOCK_M", "BLOCK_K"), mask_block, M, N, persistent=layouts is not None, a=a
+            kernel, tuned, config, ("BLOCK_M", "BLOCK_K"), mask_block, M, N, persistent=use_tma, a=a
         )
         launch[grid](
             a,
