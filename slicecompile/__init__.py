@@ -4,19 +4,19 @@ from .dropout_linear_op import DEFAULT_BLOCK, dropout_linear, dropout_linear_wit
 from .explain import explain
 from .masks import BlockMask, draw_block_mask
 from .reference import dropout_linear_reference
-from .slice_dropout import SliceMask, draw_slice_mask, slice_dropout_linear, slice_dropout_linear_with_mask
+from .slice_dropout import SliceWindow, draw_slice_window, slice_dropout_linear, slice_dropout_linear_with_window
 
 __all__ = [
     "DEFAULT_BLOCK",
     "BlockMask",
-    "SliceMask",
+    "SliceWindow",
     "draw_block_mask",
-    "draw_slice_mask",
+    "draw_slice_window",
     "dropout_linear",
     "dropout_linear_reference",
     "dropout_linear_with_mask",
     "explain",
     "slice_dropout_linear",
-    "slice_dropout_linear_with_mask",
+    "slice_dropout_linear_with_window",
 ]
 __version__ = "0.1.0"

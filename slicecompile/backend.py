@@ -35,7 +35,7 @@ except Exception:  # pragma: no cover
 # Exceptions by which Dynamo and AOTAutograd steer compilation (e.g. "retrace with this float
 # constant"): never mistaken for a failed rewrite.
 DYNAMO_CONTROL_FLOW = (RestartAnalysis, SkipFrame)
-POLICIES = ("block",)  # "slice" (SliceOut-style contiguous slices) comes later
+POLICIES = ("block", "slice")
 # M*K*N below which a GEMM is left to Inductor: 256³. Not yet measured: a guess that smaller
 # GEMMs are bound by launch overhead, where skipping tiles cannot pay for the mask's kernels.
 DEFAULT_MIN_GEMM_SIZE = 2**24
@@ -46,7 +46,7 @@ class Options:
     """What options={...} may set besides Inductor's own keys."""
 
     block: tuple = DEFAULT_BLOCK  # (BM, BK) tile of the flattened matmul input
-    policy: str = "block"
+    policy: str = "block"  # or "slice": one window of features per linear layer (batched matmuls stay block)
     min_gemm_size: int = DEFAULT_MIN_GEMM_SIZE  # M*K*N summed over a site's matmuls
     enabled: bool = True
 

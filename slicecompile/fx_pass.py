@@ -55,6 +55,7 @@ class Site:
     gemms: tuple = ()  # (M, K, N) per consuming matmul
     rewritten: bool = False
     reason: str = ""
+    policy: str = "block"  # how the rewrite drops: "block" tiles or one "slice" window
     node: Node | None = field(default=None, repr=False)  # the dropout node, for rewrite.py
     matches: list = field(default_factory=list, repr=False)  # (consumer node, Match), for rewrite.py
 
@@ -271,6 +272,19 @@ def _operand_reason(dropout, matches, options):
     return None
 
 
+def _policy(site, options):
+    """The site's policy: options.policy, except that batched matmuls always take block tiles
+    (a slice window is defined for linear layers)."""
+    batched = any(match.batched for _, match in site.matches)
+    return "block" if batched else options.policy
+
+
+def _policy_reason(site):
+    if site.policy == "slice" and any(isinstance(size, torch.SymInt) for size in _meta(site.node.args[0]).shape[-1:]):
+        return "slice policy needs a static number of input features"
+    return None
+
+
 def _site(dropout):
     x = _meta(dropout.args[0])
     p = _arg(dropout, 1, "p", 0.5)
@@ -306,7 +320,8 @@ def decide(dropout, options):
         site.matches.append((node, match._replace(dtype=None if out is None else out.dtype)))
         site.pattern = "dropout_bmm" if match.batched else site.pattern
     site.gemms = tuple(match.gemm for _, match in site.matches)
-    site.reason = site.reason or _operand_reason(dropout, site.matches, options)
+    site.policy = _policy(site, options)
+    site.reason = site.reason or _operand_reason(dropout, site.matches, options) or _policy_reason(site)
     site.rewritten = not site.reason
     site.reason = site.reason or "rewritten"
     return site

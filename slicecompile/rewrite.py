@@ -1,5 +1,6 @@
 """Rewrite the sites fx_pass decided on: each dropout → matmul becomes one mask draw and one
-block-dropout op per matmul (dropout_linear_op for a 2-D weight, dropout_bmm for a batched one).
+block-dropout op per matmul (dropout_linear_op for a 2-D weight, dropout_bmm for a batched one),
+or, under the slice policy, one window draw and one slice-dropout op per linear layer.
 
 The replacements are plain Python functions called from the graph; compile_fx retraces the
 graph with make_fx, which traces them into their torch ops (rand, argsort, the custom op),
@@ -14,6 +15,7 @@ from torch._guards import detect_fake_mode
 from .dropout_bmm import draw_batched_block_mask, dropout_bmm_with_mask
 from .dropout_linear_op import dropout_linear_with_mask
 from .masks import BlockMask, draw_block_mask
+from .slice_dropout import SliceWindow, draw_slice_window, slice_dropout_linear_with_window
 
 
 def draw_site_mask(x, p, block):
@@ -46,6 +48,17 @@ def linear_under_mask(x, weight, bias, kept, count, p, block, dtype):
     return dropout_linear_with_mask(x.to(dtype), weight.to(dtype), bias, mask)
 
 
+def draw_site_window(x, p):
+    """One slice window over x's last dimension, shared by every matmul of the site."""
+    return draw_slice_window(x.shape[-1], p).window
+
+
+def linear_under_window(x, weight, bias, window, p, dtype):
+    """F.linear(x, weight, bias) in dtype, with x slice-dropped by the window."""
+    bias = None if bias is None else bias.to(dtype)
+    return slice_dropout_linear_with_window(x.to(dtype), weight.to(dtype), bias, SliceWindow(window, x.shape[-1], p))
+
+
 def _example_value(node, fn, *args):
     """Dynamo's fake-tensor metadata for a new node, so later passes can read shapes;
     computed from the inputs' fake tensors (their ops run in the fake mode)."""
@@ -59,7 +72,7 @@ def _example_value(node, fn, *args):
 
 def rewrite_site(graph, site, block):
     """Replace one decided site (site.rewritten) in graph, which holds site.node."""
-    dropout, p = site.node, site.p
+    dropout = site.node
     source = dropout.args[0]
     consumers = [consumer for consumer, _ in site.matches]
     operand = site.matches[0][1].operand
@@ -69,13 +82,8 @@ def rewrite_site(graph, site, block):
 
     order = {node: index for index, node in enumerate(graph.nodes)}
     batched = site.matches[0][1].batched
-    draw, under_mask = (draw_batched_site_mask, bmm_under_mask) if batched else (draw_site_mask, linear_under_mask)
     with graph.inserting_before(min(consumers, key=order.__getitem__)):
-        mask = graph.call_function(draw, (operand, p, block))
-        _example_value(mask, draw, operand, p, block)
-        kept, count = (graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
-        for i, node in enumerate((kept, count)):
-            node.meta["example_value"] = (mask.meta.get("example_value") or (None, None))[i]
+        mask_args = _draw(graph, site, operand, block)
 
     for consumer, match in site.matches:
         with graph.inserting_before(consumer):
@@ -83,16 +91,36 @@ def rewrite_site(graph, site, block):
             if match.weight_transposed:
                 weight = graph.call_method("t", (weight,))
                 _example_value(weight, lambda w: w.t(), match.weight)
-            if batched:
-                args = (operand, weight, kept, count, p, block, match.dtype)
+            if site.policy == "slice":
+                replacement = graph.call_function(
+                    linear_under_window, (operand, weight, match.bias, *mask_args, match.dtype)
+                )
+            elif batched:
+                replacement = graph.call_function(bmm_under_mask, (operand, weight, *mask_args, match.dtype))
             else:
-                args = (operand, weight, match.bias, kept, count, p, block, match.dtype)
-            replacement = graph.call_function(under_mask, args)
+                replacement = graph.call_function(
+                    linear_under_mask, (operand, weight, match.bias, *mask_args, match.dtype)
+                )
         for key in ("example_value", "stack_trace", "nn_module_stack"):
             if key in consumer.meta:
                 replacement.meta[key] = consumer.meta[key]
         consumer.replace_all_uses_with(replacement)
         graph.erase_node(consumer)
+
+
+def _draw(graph, site, operand, block):
+    """The nodes drawing the site's mask, as the arguments its matmuls take after their operands."""
+    if site.policy == "slice":
+        window = graph.call_function(draw_site_window, (operand, site.p))
+        _example_value(window, draw_site_window, operand, site.p)
+        return window, site.p
+    draw = draw_batched_site_mask if site.matches[0][1].batched else draw_site_mask
+    mask = graph.call_function(draw, (operand, site.p, block))
+    _example_value(mask, draw, operand, site.p, block)
+    kept, count = (graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
+    for i, node in enumerate((kept, count)):
+        node.meta["example_value"] = (mask.meta.get("example_value") or (None, None))[i]
+    return kept, count, site.p, block
 
 
 def rewrite(gm, sites, block):

@@ -1,17 +1,22 @@
 """Slice dropout (SliceOut's policy) before a linear layer: each call keeps one contiguous window
 of input features, the same for every row, and drops the rest.
 
-The window starts at a uniformly random feature and wraps around the end, so every feature is
-kept with the same probability. Its width is the static ceil((1-p)·K); its last feature is kept
-only with the probability that makes E[kept features] = (1-p)·K exactly. Kept values are scaled
-by 1/(1-p), so the output is unbiased. Everything is drawn on the input's device from torch's
-generator: no host synchronisation, and CUDA graphs replay fresh windows.
+The window starts at a uniformly drawn aligned feature (a multiple of `unit`, slice_unit) and
+wraps around the end, so every feature is kept with the same probability. Its width is a whole
+number of units, floor or ceil of (1-p)·units, drawn so that E[width] = (1-p)·in_features exactly;
+kept values are scaled by 1/(1-p), so the output is unbiased.
 
-The GEMMs are dense: the window is gathered into a compact (rows, width) copy of x and a
-(out, width) copy of the weight, F.linear runs on those (cuBLAS on a GPU), and autograd saves
-only the compact copies, so the dropped features' activations are neither multiplied nor kept
-for backward. Plain torch ops throughout, so torch.compile, autocast and activation
-checkpointing (which replays the RNG state) handle it like any other PyTorch code.
+The GEMMs are cuBLAS on strided views of the window, with the scale folded into the GEMM's alpha:
+Y = s·X[:, window] W[:, window]ᵀ + b, dX[:, window] = s·dY W[:, window] (zeros elsewhere),
+dW[:, window] = s·dYᵀ X[:, window] (zeros elsewhere). A window that wraps is two views and two
+GEMMs. Backward saves one compact copy of the window of x (what it needs, about (1-p) of x) and
+nothing element-wise.
+
+Views need the window's start and width as host integers, so the window is drawn by torch's
+CPU generator (torch.manual_seed reproduces it; no device synchronisation) in its own op, and
+travels to the GEMM ops as a 2-element CPU tensor. A CUDA graph would replay the window it was
+captured with: the ops refuse to be captured, and torch.compile does not put them in CUDA graphs
+(the cudagraph_unsafe tag). policy="block" is the one to use under CUDA graphs.
 """
 
 import math
@@ -19,51 +24,200 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .checks import check_linear_operands, check_p
 
+# Windows start at multiples of the largest of these that divides in_features and leaves at
+# least MIN_UNITS positions: 64 bf16 features are 128 bytes, so every view is aligned for cuBLAS.
+UNITS = (64, 32, 16, 8, 4, 2, 1)
+MIN_UNITS = 8
+# Every op reads the window on the host; only the draw is random.
+_HOST_WINDOW = tuple(getattr(torch.Tag, name) for name in ("cudagraph_unsafe",) if hasattr(torch.Tag, name))
+_RANDOM = (torch.Tag.nondeterministic_seeded, *_HOST_WINDOW)
+
+
+def slice_unit(in_features):
+    """The alignment (in features) of window starts and widths for in_features features."""
+    for unit in UNITS:
+        if in_features % unit == 0 and in_features // unit >= MIN_UNITS:
+            return unit
+    return 1
+
+
+def max_width(in_features, p):
+    """The widest window drawn for (in_features, p): the size of the saved copy."""
+    unit = slice_unit(in_features)
+    return math.ceil((1.0 - p) * (in_features // unit)) * unit
+
 
 @dataclass(frozen=True)
-class SliceMask:
-    """index: (width,) int64 kept features, a cyclic window; weight: (width,) float32 factor
-    each kept feature is multiplied by (1/(1-p), or 0 for a last feature drawn out)."""
+class SliceWindow:
+    """window: (2,) int64 CPU tensor [start, width]; features [start, start + width) modulo
+    in_features are kept and scaled by 1/(1-p)."""
 
-    index: torch.Tensor
-    weight: torch.Tensor
+    window: Tensor
     in_features: int
     p: float
 
-    def features(self):
+    def pieces(self):
+        """The window as (first feature, end feature, offset in the window) of at most two views."""
+        return _pieces(*self.window.tolist(), self.in_features)
+
+    def features(self, device=None):
         """(in_features,) float32 multiplier of each input feature: the dense form of the mask."""
-        dense = torch.zeros(self.in_features, dtype=torch.float32, device=self.index.device)
-        return dense.index_copy(0, self.index, self.weight)
+        dense = torch.zeros(self.in_features, dtype=torch.float32)
+        for first, end, _ in self.pieces():
+            dense[first:end] = 1.0 / (1.0 - self.p)
+        return dense.to(device)
 
 
-def draw_slice_mask(in_features, p, device=None):
-    """A slice mask over in_features features, dropping each with probability p (0 <= p < 1)."""
+def _pieces(start, width, in_features):
+    head = min(width, in_features - start)
+    pieces = [(start, start + head, 0)] if head else []
+    return pieces + ([(0, width - head, head)] if width > head else [])
+
+
+@torch.library.custom_op("slicecompile::draw_slice_window", mutates_args=(), tags=_RANDOM)
+def _draw(in_features: int, p: float) -> Tensor:
+    unit = slice_unit(in_features)
+    units = in_features // unit
+    kept = (1.0 - p) * units
+    u = torch.rand(2, dtype=torch.float64)  # torch's CPU generator: no device synchronisation
+    start = min(int(u[0] * units), units - 1) * unit
+    width = (math.floor(kept) + int(u[1] < kept - math.floor(kept))) * unit
+    return torch.tensor([start, width], dtype=torch.int64)
+
+
+@_draw.register_fake
+def _(in_features, p):
+    return torch.empty(2, dtype=torch.int64, device="cpu")
+
+
+def draw_slice_window(in_features, p):
+    """A SliceWindow over in_features features, dropping each with probability p (0 <= p < 1)."""
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
     check_p(p)
-    kept = (1.0 - p) * in_features
-    width = max(1, math.ceil(kept))
-    last = kept - (width - 1)  # probability that the window's last feature is kept
-    u = torch.rand(2, device=device)
-    start = (u[0] * in_features).long().clamp_(max=in_features - 1)
-    index = (start + torch.arange(width, device=device)) % in_features
-    weight = torch.full((width,), 1.0 / (1.0 - p), device=device)
-    weight[-1] = weight[-1] * (u[1] < last)
-    return SliceMask(index, weight, in_features, p)
+    return SliceWindow(_draw(in_features, float(p)), in_features, float(p))
 
 
-def slice_dropout_linear_with_mask(x, weight, bias, mask: SliceMask):
+def _refuse_capture(t):
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "policy='slice' draws its window on the host, so a CUDA graph would replay one window "
+            "forever; use policy='block' under CUDA graphs"
+        )
+
+
+def _window(window, in_features):
+    """(kept pieces, dropped pieces) of a window tensor, each as _pieces gives them."""
+    start, width = window.tolist()
+    dropped = _pieces((start + width) % in_features, in_features - width, in_features)
+    return _pieces(start, width, in_features), [(first, end) for first, end, _ in dropped]
+
+
+@torch.library.custom_op("slicecompile::slice_dropout_linear", mutates_args=(), tags=_HOST_WINDOW)
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, window: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(y, the window of x copied compactly, (rows, max_width); columns past the width unset)."""
+    _refuse_capture(x)
+    kept = x.new_empty(x.shape[0], max_width(x.shape[1], p))
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    pieces, _ = _window(window, x.shape[1])
+    if not pieces:  # an empty window: every feature dropped
+        return (y.zero_() if bias is None else y.copy_(bias.expand_as(y))), kept
+    accumulate, beta = (y, 0) if bias is None else (bias.expand_as(y), 1)
+    for first, end, offset in pieces:
+        part = kept[:, offset : offset + end - first]
+        part.copy_(x[:, first:end])
+        torch.addmm(accumulate, part, weight[:, first:end].t(), beta=beta, alpha=1.0 / (1.0 - p), out=y)
+        accumulate, beta = y, 1
+    return y, kept
+
+
+@_forward.register_fake
+def _(x, weight, bias, window, p):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], max_width(x.shape[1], p))
+
+
+@torch.library.custom_op("slicecompile::slice_dropout_linear_grad_input", mutates_args=(), tags=_HOST_WINDOW)
+def _grad_input(grad_out: Tensor, weight: Tensor, window: Tensor, p: float) -> Tensor:
+    """s·dY W on the window, zeros elsewhere: (rows, in_features)."""
+    _refuse_capture(grad_out)
+    grad_x = grad_out.new_empty(grad_out.shape[0], weight.shape[1])
+    pieces, dropped = _window(window, weight.shape[1])
+    for first, end, _ in pieces:
+        part = grad_x[:, first:end]
+        torch.addmm(part, grad_out, weight[:, first:end], beta=0, alpha=1.0 / (1.0 - p), out=part)
+    for first, end in dropped:
+        grad_x[:, first:end].zero_()
+    return grad_x
+
+
+@_grad_input.register_fake
+def _(grad_out, weight, window, p):
+    return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("slicecompile::slice_dropout_linear_grad_weight", mutates_args=(), tags=_HOST_WINDOW)
+def _grad_weight(grad_out: Tensor, kept: Tensor, window: Tensor, in_features: int, p: float) -> Tensor:
+    """s·dYᵀ X on the window, zeros elsewhere: (out_features, in_features)."""
+    _refuse_capture(grad_out)
+    grad_w = grad_out.new_empty(grad_out.shape[1], in_features)
+    pieces, dropped = _window(window, in_features)
+    for first, end, offset in pieces:
+        part = grad_w[:, first:end]
+        torch.addmm(part, grad_out.t(), kept[:, offset : offset + end - first], beta=0, alpha=1.0 / (1.0 - p), out=part)
+    for first, end in dropped:
+        grad_w[:, first:end].zero_()
+    return grad_w
+
+
+@_grad_weight.register_fake
+def _(grad_out, kept, window, in_features, p):
+    return grad_out.new_empty(grad_out.shape[1], in_features)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, window, p = inputs
+    ctx.save_for_backward(weight, window, output[1])
+    ctx.in_features, ctx.p, ctx.has_bias = x.shape[1], p, bias is not None
+
+
+def _backward(ctx, grad_out, _grad_kept):
+    weight, window, kept = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_input(grad_out, weight, window, ctx.p)
+    if ctx.needs_input_grad[1]:
+        grad_w = _grad_weight(grad_out, kept, window, ctx.in_features, ctx.p)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad_out.sum(0)
+    return grad_x, grad_w, grad_b, None, None
+
+
+_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def slice_dropout_linear_with_window(x, weight, bias, window: SliceWindow):
     """F.linear(x ⊙ mask, weight, bias) computed on the kept window only."""
     check_linear_operands(x, weight, bias)
-    if mask.in_features != x.shape[-1]:
-        raise ValueError(f"the mask covers {mask.in_features} features, x has {x.shape[-1]}")
-    if mask.index.device != x.device:
-        raise ValueError(f"the mask is on {mask.index.device}, x on {x.device}")
-    x_kept = x.index_select(-1, mask.index) * mask.weight.to(x.dtype)
-    return F.linear(x_kept, weight.index_select(1, mask.index), bias)
+    if window.in_features != x.shape[-1]:
+        raise ValueError(f"the window covers {window.in_features} features, x has {x.shape[-1]}")
+    if not is_fake(window.window):  # a traced window has no values to check
+        start, width = window.window.tolist()
+        if not 0 <= start < window.in_features:
+            raise ValueError(f"the window's start {start} is outside [0, {window.in_features})")
+        widest = max_width(window.in_features, window.p)
+        if not 0 <= width <= widest:
+            raise ValueError(f"the window's width {width} is wider than p = {window.p} allows ({widest})")
+    return _under_window(x, weight, bias, window)
+
+
+def _under_window(x, weight, bias, window):
+    y, _ = _forward(x.reshape(-1, x.shape[-1]), weight, bias, window.window, window.p)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def slice_dropout_linear(x, weight, bias=None, p=0.5, training=True):
@@ -72,4 +226,4 @@ def slice_dropout_linear(x, weight, bias=None, p=0.5, training=True):
     check_p(p)
     if not training or p == 0:
         return F.linear(x, weight, bias)
-    return slice_dropout_linear_with_mask(x, weight, bias, draw_slice_mask(x.shape[-1], p, device=x.device))
+    return _under_window(x, weight, bias, draw_slice_window(x.shape[-1], p))

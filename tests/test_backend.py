@@ -19,7 +19,7 @@ from models_by_others import TorchEncoderLayer, example_input
 from torch._dynamo.utils import counters
 
 import slicecompile.backend as backend
-from slicecompile import draw_block_mask, dropout_linear_reference
+from slicecompile import SliceWindow, draw_block_mask, draw_slice_window, dropout_linear_reference
 from slicecompile.backend import parse_options, slicecompile_backend
 from slicecompile.dropout_bmm import draw_batched_block_mask, dropout_bmm_reference
 
@@ -59,6 +59,8 @@ class TwoSites(nn.Module):
 
 
 def _masked(t, mask):
+    if isinstance(mask, SliceWindow):
+        return t * mask.features(t.device).to(t.dtype)
     rows = t.reshape(-1, t.shape[-1])
     return (rows * mask.elements().to(t.dtype) * mask.scale).reshape(t.shape)
 
@@ -70,14 +72,20 @@ def _masks(seed, x):
     return [draw_block_mask(rows, 32, P, BLOCK), draw_block_mask(rows, 48, P, BLOCK)]
 
 
-def _check_step(compiled, model, x, seed, backward=True):
+def _windows(seed, x):
+    """The slice windows the compiled graph draws after torch.manual_seed(seed), in its order."""
+    torch.manual_seed(seed)
+    return [draw_slice_window(32, P), draw_slice_window(48, P)]
+
+
+def _check_step(compiled, model, x, seed, backward=True, draw=_masks):
     """One compiled step against the float64 and float32 references under the same masks."""
     params = [p for p in model.parameters()]
     x = x.detach().requires_grad_(backward)
     torch.manual_seed(seed)
     out = compiled(x)
     grads = torch.autograd.grad(out.square().sum(), [x, *params]) if backward else []
-    masks = _masks(seed, x)
+    masks = draw(seed, x)
     refs = {}
     for dtype in (torch.float64, torch.float32):
         ref_model, ref_x = copy.deepcopy(model).to(dtype), x.detach().to(dtype).requires_grad_(backward)
@@ -101,6 +109,16 @@ def test_training_step_matches_reference():
         "rewritten_dropout_linear": 1,
         "rewritten_dropout_matmul": 1,
     }
+
+
+def test_slice_policy_training_step_matches_reference():
+    torch.manual_seed(0)
+    model = TwoSites()
+    options = {**OPTIONS, "policy": "slice"}
+    compiled = torch.compile(model, backend=slicecompile_backend, options=options, fullgraph=True)
+    for seed, batch in enumerate((2, 3)):
+        _check_step(compiled, model, torch.randn(batch, 24, 32), seed=seed, draw=_windows)
+    assert stats()["rewritten"] >= 2 and "fallback" not in stats(), stats()
 
 
 def test_dynamic_shapes_compile_once():
@@ -282,7 +300,7 @@ def test_unknown_option_lists_the_known_ones():
     "options, error",
     [
         ({"block": (24, 32)}, "powers of two"),
-        ({"policy": "slice"}, "unknown policy 'slice'; known policies: block"),
+        ({"policy": "columns"}, "unknown policy 'columns'; known policies: block, slice"),
         ({"min_gemm_size": -1}, "min_gemm_size must be an int >= 0"),
         ({"enabled": "yes"}, "enabled must be a bool"),
     ],

@@ -62,15 +62,42 @@ def test_options_change_the_decision():
 def test_table():
     report = explain(HeadAfterBreak(), torch.randn(4, 8, 32), options=ALWAYS)
     lines = str(report).splitlines()
-    assert lines[0].split() == ["site", "consumer", "input", "shape", "GEMMs", "(M,K,N)", "p", "rewritten", "reason"]
+    header = ["site", "consumer", "input", "shape", "GEMMs", "(M,K,N)", "p", "policy", "rewritten", "reason"]
+    assert lines[0].split() == header
     assert lines[2].split()[:2] == ["drop", f"(test_explain.py:{HeadAfterBreak.forward.__code__.co_firstlineno + 1})"]
-    assert lines[2].split()[2:7] == ["linear", "4x8x32", "32x32x16", "0.25", "yes"]
+    assert lines[2].split()[2:8] == ["linear", "4x8x32", "32x32x16", "0.25", "block", "yes"]
     assert "used by add (not a matmul input)" in lines[3]
     assert lines[-1] == (
         "1 of 2 dropout sites rewritten in 2 graph(s); predicted GEMM FLOPs saved per step (fwd+bwd): "
         "2.46e+04 of 9.83e+04 (25%)"
     )
     assert str(Report()).splitlines()[-1].startswith("0 of 0 dropout sites")
+
+
+class LinearAndAttention(nn.Module):
+    """A dropout before a linear layer and one before a batched matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop, self.fc = nn.Dropout(0.25), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc(self.drop(x)), torch.bmm(self.drop(x), x.transpose(1, 2))
+
+
+def test_policy_per_site():
+    """Under policy="slice", linear layers take windows; batched matmuls keep block tiles."""
+    block = explain(LinearAndAttention(), torch.randn(4, 8, 32), options=ALWAYS)
+    assert [(s.pattern, s.policy, s.rewritten) for s in block.sites] == [
+        ("dropout_linear", "block", True),
+        ("dropout_bmm", "block", True),
+    ]
+    sliced = explain(LinearAndAttention(), torch.randn(4, 8, 32), options={**ALWAYS, "policy": "slice"})
+    assert [(s.pattern, s.policy, s.rewritten) for s in sliced.sites] == [
+        ("dropout_linear", "slice", True),
+        ("dropout_bmm", "block", True),
+    ]
+    assert str(sliced).splitlines()[2].split()[5:7] == ["0.25", "slice"]
 
 
 @pytest.mark.parametrize("name", EXPECTED)

@@ -1,6 +1,8 @@
-"""Slice dropout before a linear layer against the dense reference under the same mask: forward,
-every gradient, the mask's shape and statistics, reproducibility, what backward saves, and bad
+"""Slice dropout before a linear layer against the dense reference under the same window: forward,
+every gradient, the window's shape and statistics, reproducibility, what backward saves, and bad
 inputs."""
+
+import math
 
 import pytest
 import torch
@@ -8,15 +10,22 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from slicecompile import draw_slice_mask, dropout_linear, slice_dropout_linear, slice_dropout_linear_with_mask
+from slicecompile import (
+    SliceWindow,
+    draw_slice_window,
+    dropout_linear,
+    slice_dropout_linear,
+    slice_dropout_linear_with_window,
+)
+from slicecompile.slice_dropout import slice_unit
 
 from conftest import DEVICE
 from tolerance import assert_close
 
 
-def _reference(x, w, b, mask):
+def _reference(x, w, b, window):
     """The element-wise definition: every feature multiplied by its mask factor."""
-    return F.linear(x * mask.features().to(x.dtype), w, b)
+    return F.linear(x * window.features(x.device).to(x.dtype), w, b)
 
 
 @given(
@@ -33,8 +42,8 @@ def test_matches_reference(lead, K, N, p, dtype, bias, seed):
     x = torch.randn(*lead, K, device=DEVICE).to(dtype).requires_grad_()
     w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype).requires_grad_()
     b = torch.randn(N, device=DEVICE).to(dtype).requires_grad_() if bias else None
-    mask = draw_slice_mask(K, p, device=DEVICE)
-    y = slice_dropout_linear_with_mask(x, w, b, mask)
+    mask = draw_slice_window(K, p)
+    y = slice_dropout_linear_with_window(x, w, b, mask)
     grad = torch.randn_like(y)
     y.backward(grad)
     leaves = [t for t in (x, w, b) if t is not None]
@@ -48,21 +57,46 @@ def test_matches_reference(lead, K, N, p, dtype, bias, seed):
         assert_close(actual, results["wide"][i], results["same"][i], what)
 
 
-def test_window_is_one_cyclic_slice():
+def _kept(window):
+    return (window.features() != 0).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("K, p, unit", [(12, 0.4, 1), (1024, 0.3, 64), (256, 0.5, 32), (200, 0.75, 8)])
+def test_window_is_one_aligned_cyclic_slice(K, p, unit):
+    assert slice_unit(K) == unit
+    units = K // unit
     torch.manual_seed(0)
     for _ in range(50):
-        mask = draw_slice_mask(12, 0.4, device=DEVICE)
-        start = int(mask.index[0])
-        assert mask.index.tolist() == [(start + i) % 12 for i in range(8)], "8 = ceil(0.6 * 12) consecutive features"
-        kept = mask.features() != 0
-        assert int(kept.sum()) in (7, 8)
+        window = draw_slice_window(K, p)
+        start, width = window.window.tolist()
+        assert start % unit == 0 and width % unit == 0
+        assert width // unit in (math.floor((1 - p) * units), math.ceil((1 - p) * units)), (
+            "floor or ceil of (1-p) units"
+        )
+        assert _kept(window) == sorted((start + i) % K for i in range(width))
+
+
+@pytest.mark.parametrize("window, p", [((224, 128), 0.5), ((0, 256), 0.0), ((96, 0), 0.5), ((255, 1), 0.9)])
+def test_wrapping_full_and_empty_windows(window, p):
+    """The window as two views (wrapping), the whole input, and no feature at all."""
+    x = torch.randn(5, 256, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 256, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, device=DEVICE, requires_grad=True)
+    mask = SliceWindow(torch.tensor(window), 256, p)
+    y = slice_dropout_linear_with_window(x, w, b, mask)
+    y.backward(grad := torch.randn_like(y))
+    copies = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = F.linear(copies[0] * mask.features(DEVICE).double(), copies[1], copies[2])
+    ref.backward(grad.double())
+    for actual, expected in zip((y, x.grad, w.grad, b.grad), [ref] + [c.grad for c in copies], strict=True):
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_unbiased_and_p_honoured_for_every_feature():
     """Each feature's factor averages 1 (the output is unbiased) and each is kept with
-    probability 1-p, including a fractional window (6.5 of 10 features)."""
+    probability 1-p, including a fractional width (6.5 of 10 features)."""
     torch.manual_seed(0)
-    draws = torch.stack([draw_slice_mask(10, 0.35, device=DEVICE).features() for _ in range(4000)])
+    draws = torch.stack([draw_slice_window(10, 0.35).features() for _ in range(4000)])
     assert (draws.mean(0) - 1).abs().max() < 0.06
     assert ((draws != 0).float().mean(0) - 0.65).abs().max() < 0.04
 
@@ -81,9 +115,11 @@ def test_backward_saves_only_the_kept_slice():
     x = torch.randn(64, 256, device=DEVICE, requires_grad=True)
     w = torch.randn(32, 256, device=DEVICE, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = slice_dropout_linear(x, w, p=0.5)
-    assert max(saved) == 64 * 128, f"saved sizes {saved}: x's kept half, never x itself"
+    activations = [t for t in saved if t is not w and t.dim() == 2]
+    assert [tuple(t.shape) for t in activations] == [(64, 128)], "x's kept half, never x itself"
+    assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for t in saved)
     y.sum().backward()
     assert (x.grad != 0).any(dim=0).sum() == 128, "dx is zero outside the window"
 
@@ -96,11 +132,24 @@ def test_eval_and_p0_are_exactly_linear():
 
 def test_compiles_without_graph_breaks():
     x, w = torch.randn(8, 64, device=DEVICE), torch.randn(16, 64, device=DEVICE)
-    compiled = torch.compile(lambda x, w: slice_dropout_linear(x, w, p=0.3), backend="aot_eager", fullgraph=True)
-    torch.manual_seed(5)
-    expected = slice_dropout_linear(x, w, p=0.3)
-    torch.manual_seed(5)
-    torch.testing.assert_close(compiled(x, w), expected)
+    for backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, w: slice_dropout_linear(x, w, p=0.3), backend=backend, fullgraph=True)
+        torch.manual_seed(5)
+        expected = slice_dropout_linear(x, w, p=0.3)
+        torch.manual_seed(5)
+        torch.testing.assert_close(compiled(x, w), expected)
+        outputs = [compiled(x, w) for _ in range(4)]
+        assert any(not torch.equal(out, outputs[0]) for out in outputs[1:]), "a fresh window every call"
+
+
+@pytest.mark.gpu
+def test_refuses_cuda_graph_capture():
+    x, w = torch.randn(8, 64, device="cuda"), torch.randn(16, 64, device="cuda")
+    slice_dropout_linear(x, w, p=0.5)  # warm-up outside the capture
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            slice_dropout_linear(x, w, p=0.5)
 
 
 def test_bad_inputs():
@@ -108,8 +157,12 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="p must be in"):
         slice_dropout_linear(x, w, p=1.0)
     with pytest.raises(ValueError, match="in_features"):
-        draw_slice_mask(0, 0.5)
+        draw_slice_window(0, 0.5)
     with pytest.raises(ValueError, match="covers 20 features"):
-        slice_dropout_linear_with_mask(x, w, None, draw_slice_mask(20, 0.5, device=DEVICE))
+        slice_dropout_linear_with_window(x, w, None, draw_slice_window(20, 0.5))
+    with pytest.raises(ValueError, match="wider than"):
+        slice_dropout_linear_with_window(x, w, None, SliceWindow(torch.tensor([0, 30]), 30, 0.5))
+    with pytest.raises(ValueError, match="start"):
+        slice_dropout_linear_with_window(x, w, None, SliceWindow(torch.tensor([30, 2]), 30, 0.5))
     with pytest.raises(ValueError, match="policy"):
         dropout_linear(x, w, p=0.5, policy="columns")
