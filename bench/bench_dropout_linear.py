@@ -2,8 +2,9 @@
 
 Providers: dense (F.linear), dropout_eager (F.dropout + F.linear), dropout_inductor (the same
 under torch.compile), limit (F.linear on the kept K width: the work that must be done),
-slicecompile (dropout_linear, eager) and slicecompile_inductor (the same under torch.compile,
-where Inductor fuses the mask drawing). Modes: fwd, full (forward + backward; wall time per
+slicecompile (dropout_linear, eager), slicecompile_inductor (the same under torch.compile,
+where Inductor fuses the mask drawing) and slicecompile_slice (policy="slice", eager: cuBLAS on
+one window of features, whose limit is the same kept width). Modes: fwd, full (forward + backward; wall time per
 step, which includes the host's launch overhead when the host is slower than the GPU) and
 full_kernels (the summed GPU kernel time of one forward + backward, from torch.profiler: what
 the step costs once launch overhead is hidden, e.g. by CUDA graphs or a busy stream). Prints a table and
@@ -42,6 +43,7 @@ def providers(x, w, p, block):
         "limit": (lambda: F.linear(x_kept, w_kept), [x_kept, w_kept]),
         "slicecompile": (lambda: slicecompile.dropout_linear(x, w, p=p, block=block), [x, w]),
         "slicecompile_inductor": (torch.compile(lambda: slicecompile.dropout_linear(x, w, p=p, block=block)), [x, w]),
+        "slicecompile_slice": (lambda: slicecompile.dropout_linear(x, w, p=p, policy="slice"), [x, w]),
     }
 
 
@@ -76,7 +78,6 @@ def main():
     meta = dict(
         gpu=torch.cuda.get_device_name(),
         dtype=args.dtype,
-        policy="block",
         torch=torch.__version__,
         triton=triton.__version__,
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -100,7 +101,9 @@ def main():
                     for provider, mode, ms in rows:
                         by_provider.setdefault(provider, {})[mode] = ms
                         writer.writerow(
-                            meta | dict(M=M, K=K, N=N, p=p, block=blk, provider=provider, mode=mode, ms=f"{ms:.4f}")
+                            meta
+                            | dict(M=M, K=K, N=N, p=p, block=blk, provider=provider, mode=mode, ms=f"{ms:.4f}")
+                            | dict(policy="slice" if provider.endswith("_slice") else "block")
                         )
                     for provider, ms in by_provider.items():
                         print(

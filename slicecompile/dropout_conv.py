@@ -133,7 +133,7 @@ def _grouped_conv2d(x, weight, bias, mask, conv):
     rows = (samples[:, :, None] * channels + mask.channels).flatten()
     x_kept = x.reshape(batch * channels, height, width).index_select(0, rows)
     x_kept = x_kept.view(size, groups * per_group, height, width) * mask.factor.to(x.dtype).view(-1, 1, 1)
-    w_kept = weight.index_select(1, mask.channels.flatten()).unflatten(1, (groups, per_group))
+    w_kept = weight.float().index_select(1, mask.channels.flatten()).to(weight.dtype).unflatten(1, (groups, per_group))
     w_kept = w_kept.transpose(0, 1).reshape(groups * out_channels, per_group, *weight.shape[2:])
     y = F.conv2d(x_kept, w_kept, None, groups=groups, **conv)  # (size, G * out_channels, H', W')
     y = y.unflatten(1, (groups, out_channels)).transpose(0, 1).flatten(0, 1)[:batch]

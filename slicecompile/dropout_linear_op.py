@@ -6,7 +6,8 @@ in the reduction). They are triton_ops: torch.compile traces them with no graph 
 AOTAutograd sees the backward, and Inductor launches the kernels from its compiled code
 rather than through a Python op call. The mask is drawn outside the ops by plain torch code,
 so the ops themselves are deterministic and a recomputation can reuse a saved mask.
-Backward saves x, weight and the tiny tile index, never an element-wise mask.
+Backward saves weight, the tiny tile index and a compact copy of x's kept tiles (about
+(1 - p) of x, made by the forward op), never x itself or an element-wise mask.
 
 CUDA tensors run the Triton kernels; CPU tensors run the dense reference (the same
 definition, element by element), or the kernels through Triton's interpreter when
@@ -21,7 +22,7 @@ from torch._subclasses.fake_tensor import is_fake
 from . import reference
 from .checks import check_block, check_linear_operands, check_mask_fits, check_p
 from .kernels import interpreting, sparse_input_matmul, sparse_output_matmul
-from .masks import BlockMask, column_index, draw_block_mask, expand_tiles
+from .masks import BlockMask, column_index, draw_block_mask, expand_tiles, gather_tiles, max_count, scatter_tiles
 from .slice_dropout import slice_dropout_linear
 
 # (BM, BK) = (128, 128), SparseDrop's tile: GPU time of a p = 0.5 training step at bf16
@@ -52,12 +53,15 @@ def _scale(p):
 @torch.library.triton_op("slicecompile::block_dropout_linear", mutates_args=())
 def block_dropout_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
-) -> Tensor:
-    """(x ⊙ mask) @ weightᵀ / (1 - p) + bias for 2-D x (M, K); the mask is (kept, count)."""
+) -> tuple[Tensor, Tensor]:
+    """(x ⊙ mask) @ weightᵀ / (1 - p) + bias for 2-D x (M, K); the mask is (kept, count).
+    Also returns x's kept tiles gathered compactly (masks.gather_tiles), for backward."""
     mask = _mask(kept, count, x.shape, block_m, block_k, p)
+    compact = gather_tiles(x, kept, mask.block, max_count(kept.shape[1], p))
     if not _use_kernels(x):
-        return reference.forward(x, weight, bias, mask.elements(), mask.scale)
-    return sparse_input_matmul(x, weight.t(), kept, count, mask.block, mask.scale, bias=bias, allow_tf32=_allow_tf32())
+        return reference.forward(x, weight, bias, mask.elements(), mask.scale), compact
+    y = sparse_input_matmul(x, weight.t(), kept, count, mask.block, mask.scale, bias=bias, allow_tf32=_allow_tf32())
+    return y, compact
 
 
 @torch.library.triton_op("slicecompile::block_dropout_linear_grad_input", mutates_args=())
@@ -105,21 +109,24 @@ def block_dropout_linear_grad_weight(
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, kept, count, block_m, block_k, p = inputs
-    ctx.save_for_backward(x, weight, kept, count)
+    ctx.save_for_backward(output[1], weight, kept, count)
     ctx.mask_args = (block_m, block_k, p)
+    ctx.x_shape = x.shape
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, _grad_compact):
     """The tile table and its column index are derived here in plain torch ops, which
     torch.compile traces and fuses; the GEMMs are ops of their own."""
-    x, weight, kept, count = ctx.saved_tensors
+    compact, weight, kept, count = ctx.saved_tensors
     grad_x = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        tiles = _mask(kept, count, x.shape, *ctx.mask_args).tiles()
+        tiles = _mask(kept, count, ctx.x_shape, *ctx.mask_args).tiles()
     if ctx.needs_input_grad[0]:
         grad_x = block_dropout_linear_grad_input(grad_out, weight, tiles.to(torch.uint8), *ctx.mask_args)
     if ctx.needs_input_grad[1]:
+        # x's kept tiles back in place; the weight-gradient kernel never reads the dropped ones.
+        x = scatter_tiles(compact, kept, ctx.mask_args[:2], ctx.x_shape, fill=not _use_kernels(compact))
         grad_weight = block_dropout_linear_grad_weight(grad_out, x, tiles, *column_index(tiles), *ctx.mask_args)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = reference.grad_bias(grad_out)
@@ -160,5 +167,5 @@ def dropout_linear_with_mask(x, weight, bias, mask: BlockMask):
 
 
 def _under_mask(x, weight, bias, mask):
-    y = block_dropout_linear(x.reshape(-1, x.shape[-1]), weight, bias, mask.kept, mask.count, *mask.block, mask.p)
+    y, _ = block_dropout_linear(x.reshape(-1, x.shape[-1]), weight, bias, mask.kept, mask.count, *mask.block, mask.p)
     return y.reshape(*x.shape[:-1], weight.shape[0])

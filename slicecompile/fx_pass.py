@@ -1,10 +1,11 @@
-"""Find dropout → matmul sites in a Dynamo FX graph and decide which ones to rewrite.
+"""Find dropout → matmul (and dropout → conv2d) sites in a Dynamo FX graph and decide which ones to rewrite.
 
 Detection only, no mutation: `find_sites` returns one `Site` per dropout node, rewritten or
 skipped with a reason, so `explain()` and the backend share one set of decisions. A site is
 a dropout (training, constant 0 < p < 1) whose users all reach the *input* operand of a
 matmul against a 2-D weight, possibly through views. The matmul kinds are the named rows of
-PATTERNS; rewrite.py turns a matched site into the block-dropout op.
+PATTERNS; rewrite.py turns a matched site into the block-dropout op. A conv2d takes the dropout
+directly (no view between), as channel-structured dropout (dropout_conv).
 """
 
 import operator
@@ -80,6 +81,7 @@ class Match(NamedTuple):
     bias: Node | None
     gemm: tuple
     batched: bool = False  # weight is B of a batched (..., K, N) matmul with the operand's batch dims
+    conv: tuple | None = None  # (stride, padding, dilation) of a conv2d; gemm is then its implicit GEMM
     dtype: torch.dtype | None = None  # what the matmul computes in: its output's dtype (autocast's, under autocast)
 
 
@@ -163,6 +165,25 @@ def _match_bmm(node, operand):
     return _match_batched(operand, _arg(node, 1, "mat2"))
 
 
+def _match_conv2d(node, operand):
+    weight, bias = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    conv = tuple(
+        _arg(node, i, name, default) for i, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))
+    )
+    if _arg(node, 6, "groups", 1) != 1:
+        return "grouped convolution (groups != 1)"
+    if not is_dropout(operand):
+        return "conv2d input reached through a view of the dropout"
+    if any(isinstance(arg, Node) for arg in conv):
+        return "conv2d stride, padding or dilation is not a constant"
+    if len(_shape(operand)) != 4 or len(_shape(weight)) != 4 or len(_shape(node)) != 4:
+        return "conv2d input is not batched (N, C, H, W)"
+    out_channels, in_channels, kernel_h, kernel_w = _shape(weight)
+    batch, _, out_h, out_w = _shape(node)
+    gemm = (batch * out_h * out_w, in_channels * kernel_h * kernel_w, out_channels)
+    return Match(operand, weight, False, bias, gemm, conv=conv)
+
+
 PATTERNS = (
     Pattern("dropout_linear", frozenset({F.linear, torch._C._nn.linear}), frozenset(), 0, _match_linear),
     Pattern(
@@ -174,6 +195,7 @@ PATTERNS = (
     ),
     Pattern("dropout_addmm", frozenset({torch.addmm}), frozenset({"addmm"}), 1, _match_addmm),
     Pattern("dropout_bmm", frozenset({torch.bmm, torch.Tensor.bmm}), frozenset({"bmm"}), 0, _match_bmm),
+    Pattern("dropout_conv2d", frozenset({torch.conv2d, F.conv2d}), frozenset(), 0, _match_conv2d),
 )
 
 
@@ -250,6 +272,8 @@ def _operand_reason(dropout, matches, options):
         return "feeds matmuls through different views"
     if len({m.batched for _, m in matches}) > 1:
         return "feeds both batched and plain matmuls"
+    if any(m.conv for _, m in matches) and len(matches) > 1:
+        return "feeds a convolution and other layers"
     x = _meta(dropout.args[0])
     if x is None:
         return "no shape information"
@@ -280,7 +304,9 @@ def _policy(site, options):
 
 
 def _policy_reason(site):
-    if site.policy == "slice" and any(isinstance(size, torch.SymInt) for size in _meta(site.node.args[0]).shape[-1:]):
+    conv = any(match.conv for _, match in site.matches)
+    features = _meta(site.node.args[0]).shape[1 if conv else -1]
+    if site.policy == "slice" and isinstance(features, torch.SymInt):
         return "slice policy needs a static number of input features"
     return None
 

@@ -8,9 +8,11 @@ from torch's generator (torch.manual_seed reproduces it) with static shapes and 
 synchronisation: the tensors' sizes depend only on (M, K, block).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,43 @@ def draw_block_mask(rows, cols, p, block, device=None, generator=None):
     uniform = torch.rand(block_rows * per_row + 1, device=device, **rng)
     # floor(e + u) with u ~ U[0, 1) is floor(e) or floor(e) + 1, with mean e = (1 - p) * per_row
     # (the int32 conversion truncates, which is floor for these non-negative values).
-    count = (uniform[-1:] + (1.0 - p) * per_row).to(torch.int32)
+    # In float64, so that u just below 1 never rounds e + u up to the next integer.
+    count = (uniform[-1:].double() + (1.0 - p) * per_row).to(torch.int32)
     order = uniform[:-1].view(block_rows, per_row).argsort(dim=1)
     slots = torch.arange(per_row, device=device)
     kept = torch.where(slots < count, order, per_row).sort(dim=1).values.to(torch.int32)
     return BlockMask(kept, count, (rows, cols), tuple(block), float(p))
+
+
+def max_count(per_row, p):
+    """The most tiles a block-row keeps: ceil((1 - p) * per_row), the width of a compact copy."""
+    return min(per_row, math.ceil((1.0 - p) * per_row))
+
+
+def _tile_index(kept, block, slots):
+    rows = kept.shape[0]
+    return kept[:, :slots].long().view(rows, 1, slots, 1).expand(rows, block[0], slots, block[1])
+
+
+def gather_tiles(x2d, kept, block, slots):
+    """The first `slots` kept tiles of each block-row of x2d (M, K), side by side: a compact
+    (block_rows * BM, slots * BK) copy; slots past a row's count hold some other tile of it."""
+    (rows, per_row), (bm, bk) = kept.shape, block
+    m, k = x2d.shape
+    symbolic = any(isinstance(size, torch.SymInt) for size in (m, k))
+    if symbolic or m != rows * bm or k != per_row * bk:  # ragged edges (no guard on a symbolic size): pad
+        x2d = F.pad(x2d, (0, per_row * bk - k, 0, rows * bm - m))
+    tiles = x2d.view(rows, bm, per_row, bk)
+    return tiles.gather(2, _tile_index(kept.clamp(max=per_row - 1), block, slots)).view(rows * bm, slots * bk)
+
+
+def scatter_tiles(compact, kept, block, shape, fill=True):
+    """The (M, K) = shape matrix with gather_tiles' compact copy back in its kept tiles; the
+    dropped tiles are zeros, or left unset with fill=False (for kernels that never read them).
+    A view with row stride (tiles_per_row + 1) * BK: the extra tile takes the sentinel slots."""
+    (rows, per_row), (bm, bk) = kept.shape, block
+    slots = compact.shape[1] // bk
+    new = compact.new_zeros if fill else compact.new_empty
+    full = new(rows, bm, per_row + 1, bk)
+    full.scatter_(2, _tile_index(kept, block, slots), compact.view(rows, bm, slots, bk))
+    return full[:, :, :per_row].view(rows * bm, per_row * bk)[: shape[0], : shape[1]]

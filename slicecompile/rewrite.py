@@ -1,6 +1,7 @@
 """Rewrite the sites fx_pass decided on: each dropout → matmul becomes one mask draw and one
 block-dropout op per matmul (dropout_linear_op for a 2-D weight, dropout_bmm for a batched one),
-or, under the slice policy, one window draw and one slice-dropout op per linear layer.
+or, under the slice policy, one window draw and one slice-dropout op per linear layer; a
+dropout → conv2d becomes channel-structured dropout (dropout_conv) under either policy.
 
 The replacements are plain Python functions called from the graph; compile_fx retraces the
 graph with make_fx, which traces them into their torch ops (rand, argsort, the custom op),
@@ -13,6 +14,7 @@ import operator
 from torch._guards import detect_fake_mode
 
 from .dropout_bmm import draw_batched_block_mask, dropout_bmm_with_mask
+from .dropout_conv import dropout_conv2d
 from .dropout_linear_op import dropout_linear_with_mask
 from .masks import BlockMask, draw_block_mask
 from .slice_dropout import SliceWindow, draw_slice_window, slice_dropout_linear_with_window
@@ -59,6 +61,13 @@ def linear_under_window(x, weight, bias, window, p, dtype):
     return slice_dropout_linear_with_window(x.to(dtype), weight.to(dtype), bias, SliceWindow(window, x.shape[-1], p))
 
 
+def conv2d_under_channel_mask(x, weight, bias, conv, p, policy, dtype):
+    """F.conv2d(x, weight, bias, *conv) in dtype, with x's channels dropped under policy; the
+    convolution is the site's only consumer, so the mask is drawn inside."""
+    bias = None if bias is None else bias.to(dtype)
+    return dropout_conv2d(x.to(dtype), weight.to(dtype), bias, *conv, p=p, policy=policy)
+
+
 def _example_value(node, fn, *args):
     """Dynamo's fake-tensor metadata for a new node, so later passes can read shapes;
     computed from the inputs' fake tensors (their ops run in the fake mode)."""
@@ -81,9 +90,9 @@ def rewrite_site(graph, site, block):
     graph.erase_node(dropout)
 
     order = {node: index for index, node in enumerate(graph.nodes)}
-    batched = site.matches[0][1].batched
+    batched, conv = site.matches[0][1].batched, site.matches[0][1].conv
     with graph.inserting_before(min(consumers, key=order.__getitem__)):
-        mask_args = _draw(graph, site, operand, block)
+        mask_args = () if conv else _draw(graph, site, operand, block)
 
     for consumer, match in site.matches:
         with graph.inserting_before(consumer):
@@ -91,7 +100,10 @@ def rewrite_site(graph, site, block):
             if match.weight_transposed:
                 weight = graph.call_method("t", (weight,))
                 _example_value(weight, lambda w: w.t(), match.weight)
-            if site.policy == "slice":
+            if conv:
+                args = (operand, weight, match.bias, conv, site.p, site.policy, match.dtype)
+                replacement = graph.call_function(conv2d_under_channel_mask, args)
+            elif site.policy == "slice":
                 replacement = graph.call_function(
                     linear_under_window, (operand, weight, match.bias, *mask_args, match.dtype)
                 )

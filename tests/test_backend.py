@@ -22,6 +22,7 @@ import slicecompile.backend as backend
 from slicecompile import SliceWindow, draw_block_mask, draw_slice_window, dropout_linear_reference
 from slicecompile.backend import parse_options, slicecompile_backend
 from slicecompile.dropout_bmm import draw_batched_block_mask, dropout_bmm_reference
+from slicecompile.dropout_conv import draw_channel_mask
 
 from conftest import DEVICE
 from tolerance import assert_close
@@ -119,6 +120,48 @@ def test_slice_policy_training_step_matches_reference():
     for seed, batch in enumerate((2, 3)):
         _check_step(compiled, model, torch.randn(batch, 24, 32), seed=seed, draw=_windows)
     assert stats()["rewritten"] >= 2 and "fallback" not in stats(), stats()
+
+
+class WideBlock(nn.Module):
+    """A Wide ResNet block: conv → BN → ReLU → dropout → conv, plus the shortcut."""
+
+    def __init__(self, channels=24):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.drop = nn.Dropout(P)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(self.drop(torch.relu(self.bn(self.conv1(x)))))
+
+    def reference(self, x, mask):
+        hidden = torch.relu(self.bn(self.conv1(x)))
+        return x + self.conv2(hidden * mask.factors().to(hidden)[:, :, None, None])
+
+
+@pytest.mark.parametrize("policy", ["block", "slice"])
+def test_dropout_conv2d_training_step_matches_reference(policy):
+    """6 samples (groups of 8) and 24 channels (blocks of 16): both ragged."""
+    torch.manual_seed(0)
+    model = WideBlock()
+    options = {**OPTIONS, "policy": policy}
+    compiled = torch.compile(model, backend=slicecompile_backend, options=options, fullgraph=True)
+    x = torch.randn(6, 24, 5, 5, requires_grad=True)
+    reference_model = copy.deepcopy(model)  # its own BatchNorm running statistics
+    torch.manual_seed(1)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
+    torch.manual_seed(1)
+    mask = draw_channel_mask(6, 24, P, policy, device=x.device)
+    refs = {}
+    for dtype in (torch.float64, torch.float32):
+        ref_model, ref_x = copy.deepcopy(reference_model).to(dtype), x.detach().to(dtype).requires_grad_()
+        ref = ref_model.reference(ref_x, mask)
+        refs[dtype] = [ref, *torch.autograd.grad(ref.square().sum(), [ref_x, *ref_model.parameters()])]
+    for i, actual in enumerate([out, *grads]):
+        assert_close(actual, refs[torch.float64][i], refs[torch.float32][i], f"output {i}")
+    assert stats()["rewritten_dropout_conv2d"] == 1 and "fallback" not in stats(), stats()
 
 
 def test_dynamic_shapes_compile_once():

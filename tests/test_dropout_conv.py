@@ -42,6 +42,10 @@ def test_matches_reference(
     policy, N, C, H, W, Cout, kernel, stride, padding, p, dtype, bias, block_channels, samples_per_group, seed
 ):
     assume(min(H, W) + 2 * padding >= kernel)
+    # PyTorch's own CPU bfloat16 conv2d (torch 2.13) returns uninitialised values in the weight
+    # gradient of kernel taps that only ever overlap padding (seen with W = 1, 3x3, padding 1,
+    # stride 2): the reference itself is wrong there.
+    assume(dtype != torch.bfloat16 or min(H, W) >= kernel)
     conv = {"stride": stride, "padding": padding}
     torch.manual_seed(seed)
     x = torch.randn(N, C, H, W, device=DEVICE).to(dtype).requires_grad_()

@@ -1,6 +1,8 @@
 """dropout_linear against the dense reference under the same mask: forward, every gradient,
 modes, reproducibility, unbiasedness, torch.library registration and bad inputs."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,14 +210,19 @@ def test_devices_must_match():
         dropout_linear(torch.randn(4, 32, device="cuda"), torch.randn(8, 32, device="cpu"), p=0.5)
 
 
-def test_backward_saves_only_inputs_and_the_tile_index():
-    x, w, b = _inputs((4, 30), 64, 20, torch.float32)
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_backward_saves_only_the_kept_tiles_and_the_tile_index(p):
+    x, w, b = _inputs((4, 32), 64, 20, torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        dropout_linear(x, w, b, p=0.5, block=(16, 16))
-    big = [t for t in saved if t.numel() >= x.numel() // 4]
-    assert all(t.dtype == x.dtype for t in big), "no element-wise mask is saved"
-    assert sum(t.numel() for t in saved) <= x.numel() + w.numel() + 64, [tuple(t.shape) for t in saved]
+        y = dropout_linear(x, w, b, p=p, block=(16, 16))
+    activations = [t for t in saved if t is not w and t.numel() >= x.numel() // 8]
+    kept_share = math.ceil((1 - p) * 4) / 4  # of the 4 tiles per block-row
+    assert [t.numel() for t in activations] == [x.numel() * kept_share], [tuple(t.shape) for t in saved]
+    assert activations[0].dtype == x.dtype, "no element-wise mask is saved"
+    assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for t in saved), "x is not kept alive"
+    assert sum(t.numel() for t in saved) <= x.numel() * kept_share + w.numel() + 64
+    y.sum().backward()  # backward works from what was saved
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ from models_by_others import EXPECTED, example_input
 from slicecompile import draw_block_mask
 from slicecompile.backend import Options
 from slicecompile.dropout_bmm import batched_elements, draw_batched_block_mask
+from slicecompile.dropout_conv import draw_channel_mask
 from slicecompile.fx_pass import find_sites, is_dropout
 from slicecompile.rewrite import rewrite
 
@@ -191,8 +192,35 @@ class AttentionHeads4d(AttentionBmm):
         return masked((x @ x.transpose(-2, -1)).softmax(dim=-1)) @ x
 
 
+def channel_masked(seed):
+    """masked(t) for a conv2d's input (N, C, H, W): the block policy's channel mask."""
+
+    def masked(t):
+        torch.manual_seed(seed)
+        mask = draw_channel_mask(*t.shape[:2], P, "block")
+        return t * mask.factors().to(t.dtype)[:, :, None, None]
+
+    return masked
+
+
+class ConvAfterDropout(nn.Module):
+    """Ragged on both axes of the mask: 10 samples (groups of 8), 20 channels (blocks of 16)."""
+
+    pattern, shape, masked = "dropout_conv2d", (10, 20, 6, 6), channel_masked
+
+    def __init__(self):
+        super().__init__()
+        self.drop, self.conv = nn.Dropout(P), nn.Conv2d(20, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.drop(x))
+
+    def reference(self, x, masked):
+        return self.conv(masked(x))
+
+
 POSITIVE = [Linear3d, MatmulOperator, MmMethod, Addmm, ReshapeBetween, TransposeBetween, SharedByTwoLinears]
-POSITIVE += [AttentionBmm, AttentionHeads4d]
+POSITIVE += [AttentionBmm, AttentionHeads4d, ConvAfterDropout]
 
 
 @pytest.mark.parametrize("case", POSITIVE, ids=lambda case: case.__name__)
@@ -210,6 +238,7 @@ def test_rewrites_and_matches_reference(case):
     actual = gm(*inputs)
 
     masked = batched_block_masked if getattr(case, "batched", False) else block_masked
+    masked = getattr(case, "masked", masked)
     same = model.reference(x, masked(seed=1))
     wide = copy.deepcopy(model).double().reference(x.double(), masked(seed=1))
     for i, (out, out64, out32) in enumerate(
@@ -288,6 +317,48 @@ def test_leaves_graph_alone(name):
     gm, _ = dynamo_graph(make(), torch.randn(Linear3d.shape, dtype=make().fc.weight.dtype))
     before = gm.code
     sites = find_sites(gm, options)
+    assert [(site.rewritten, site.reason) for site in sites] == [(False, reason)]
+    assert rewrite(gm, sites, BLOCK) == 0
+    assert gm.code == before
+
+
+class GroupedConv(ConvAfterDropout):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(20, 8, 3, groups=2)
+
+
+class ConvThroughView(ConvAfterDropout):
+    def forward(self, x):
+        return self.conv(self.drop(x).contiguous(memory_format=torch.channels_last))
+
+
+class ReflectPaddedConv(ConvAfterDropout):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(20, 8, 3, padding=1, padding_mode="reflect")
+
+
+class ConvAndLinear(ConvAfterDropout):
+    def forward(self, x):
+        dropped = self.drop(x)
+        return self.conv(dropped), dropped @ torch.ones(6, 4)
+
+
+CONV_NEGATIVE = {
+    "grouped": (GroupedConv, "grouped convolution (groups != 1)"),
+    "through_view": (ConvThroughView, "conv2d input reached through a view of the dropout"),
+    "reflect_padding": (ReflectPaddedConv, "used by pad (not a matmul input)"),
+    "conv_and_linear": (ConvAndLinear, "feeds a convolution and other layers"),
+}
+
+
+@pytest.mark.parametrize("name", CONV_NEGATIVE)
+def test_leaves_conv_alone(name):
+    make, reason = CONV_NEGATIVE[name]
+    gm, _ = dynamo_graph(make(), torch.randn(ConvAfterDropout.shape))
+    before = gm.code
+    sites = find_sites(gm, ALWAYS)
     assert [(site.rewritten, site.reason) for site in sites] == [(False, reason)]
     assert rewrite(gm, sites, BLOCK) == 0
     assert gm.code == before
