@@ -4,7 +4,8 @@ Providers: dense (F.linear), dropout_eager (F.dropout + F.linear), dropout_induc
 under torch.compile), limit (F.linear on the kept K width: the work that must be done),
 slicecompile (dropout_linear, eager), slicecompile_inductor (the same under torch.compile,
 where Inductor fuses the mask drawing) and slicecompile_slice (policy="slice", eager: cuBLAS on
-one window of features, whose limit is the same kept width). Modes: fwd, full (forward + backward; wall time per
+one window of features, whose limit is the same kept width) and slicecompile_slice_inductor (the
+same under torch.compile). Modes: fwd, full (forward + backward; wall time per
 step, which includes the host's launch overhead when the host is slower than the GPU) and
 full_kernels (the summed GPU kernel time of one forward + backward, from torch.profiler: what
 the step costs once launch overhead is hidden, e.g. by CUDA graphs or a busy stream). Prints a table and
@@ -44,6 +45,10 @@ def providers(x, w, p, block):
         "slicecompile": (lambda: slicecompile.dropout_linear(x, w, p=p, block=block), [x, w]),
         "slicecompile_inductor": (torch.compile(lambda: slicecompile.dropout_linear(x, w, p=p, block=block)), [x, w]),
         "slicecompile_slice": (lambda: slicecompile.dropout_linear(x, w, p=p, policy="slice"), [x, w]),
+        "slicecompile_slice_inductor": (
+            torch.compile(lambda: slicecompile.dropout_linear(x, w, p=p, policy="slice")),
+            [x, w],
+        ),
     }
 
 

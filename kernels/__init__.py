@@ -2,12 +2,14 @@
 
 Masked-GEMM primitives, each usable in several roles by permuting operands:
 - sparse_input_matmul: block-sparse A @ dense B -> dense C (skips dropped K-tiles);
-- sparse_output_matmul: dense A @ dense B -> only the kept tiles of C (zeros elsewhere).
+- sparse_output_matmul: dense A @ dense B -> only the kept tiles of C (zeros elsewhere);
+- tile_copy: a mask's kept tiles into a compact copy and back.
 Nothing here imports slicecompile.
 """
 
 from . import sparse_input_matmul as _dsd
 from . import sparse_output_matmul as _sdd
+from . import tile_copy
 from .runtime import interpreting
 from .sparse_input_matmul import sparse_input_matmul
 from .sparse_output_matmul import sparse_output_matmul
@@ -25,4 +27,4 @@ def autotuners():
     return {name: tuner for name, tuner in tuners.items() if tuner is not None}
 
 
-__all__ = ["autotuners", "interpreting", "sparse_input_matmul", "sparse_output_matmul"]
+__all__ = ["autotuners", "interpreting", "sparse_input_matmul", "sparse_output_matmul", "tile_copy"]

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from . import reference
+from . import masks, reference
 from .checks import check_block, check_linear_operands, check_mask_fits, check_p
-from .kernels import interpreting, sparse_input_matmul, sparse_output_matmul
-from .masks import BlockMask, column_index, draw_block_mask, expand_tiles, gather_tiles, max_count, scatter_tiles
+from .kernels import interpreting, sparse_input_matmul, sparse_output_matmul, tile_copy
+from .masks import BlockMask, column_index, draw_block_mask, expand_tiles, max_count
 from .slice_dropout import slice_dropout_linear
 
 # (BM, BK) = (128, 128), SparseDrop's tile: GPU time of a p = 0.5 training step at bf16
@@ -57,9 +57,11 @@ def block_dropout_linear(
     """(x ⊙ mask) @ weightᵀ / (1 - p) + bias for 2-D x (M, K); the mask is (kept, count).
     Also returns x's kept tiles gathered compactly (masks.gather_tiles), for backward."""
     mask = _mask(kept, count, x.shape, block_m, block_k, p)
-    compact = gather_tiles(x, kept, mask.block, max_count(kept.shape[1], p))
+    slots = max_count(kept.shape[1], p)
     if not _use_kernels(x):
+        compact = masks.gather_tiles(x, kept, mask.block, slots)
         return reference.forward(x, weight, bias, mask.elements(), mask.scale), compact
+    compact = tile_copy.gather_tiles(x, kept, mask.block, slots)
     y = sparse_input_matmul(x, weight.t(), kept, count, mask.block, mask.scale, bias=bias, allow_tf32=_allow_tf32())
     return y, compact
 
@@ -125,12 +127,19 @@ def _backward(ctx, grad_out, _grad_compact):
     if ctx.needs_input_grad[0]:
         grad_x = block_dropout_linear_grad_input(grad_out, weight, tiles.to(torch.uint8), *ctx.mask_args)
     if ctx.needs_input_grad[1]:
-        # x's kept tiles back in place; the weight-gradient kernel never reads the dropped ones.
-        x = scatter_tiles(compact, kept, ctx.mask_args[:2], ctx.x_shape, fill=not _use_kernels(compact))
+        x = _kept_tiles_in_place(compact, kept, ctx.mask_args[:2], ctx.x_shape)
         grad_weight = block_dropout_linear_grad_weight(grad_out, x, tiles, *column_index(tiles), *ctx.mask_args)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = reference.grad_bias(grad_out)
     return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _kept_tiles_in_place(compact, kept, block, shape):
+    """x's kept tiles back in an (M, K) matrix; the kernels never read its dropped tiles, so on a
+    GPU they are left unset."""
+    if not _use_kernels(compact):
+        return masks.scatter_tiles(compact, kept, block, shape)
+    return tile_copy.scatter_tiles(compact, kept, block, compact.new_empty(shape))
 
 
 block_dropout_linear.register_autograd(_backward, setup_context=_setup_context)

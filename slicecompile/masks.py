@@ -95,23 +95,24 @@ def _tile_index(kept, block, slots):
 
 def gather_tiles(x2d, kept, block, slots):
     """The first `slots` kept tiles of each block-row of x2d (M, K), side by side: a compact
-    (block_rows * BM, slots * BK) copy; slots past a row's count hold some other tile of it."""
+    (M, slots * BK) copy, zeros in sentinel slots and past x's edges. Torch ops, for CPUs and
+    references: kernels.gather_tiles does the same on a GPU."""
     (rows, per_row), (bm, bk) = kept.shape, block
     m, k = x2d.shape
     symbolic = any(isinstance(size, torch.SymInt) for size in (m, k))
     if symbolic or m != rows * bm or k != per_row * bk:  # ragged edges (no guard on a symbolic size): pad
         x2d = F.pad(x2d, (0, per_row * bk - k, 0, rows * bm - m))
-    tiles = x2d.view(rows, bm, per_row, bk)
-    return tiles.gather(2, _tile_index(kept.clamp(max=per_row - 1), block, slots)).view(rows * bm, slots * bk)
+    tiles = F.pad(x2d.view(rows, bm, per_row, bk), (0, 0, 0, 1))  # the sentinel's tile: zeros
+    compact = tiles.gather(2, _tile_index(kept, block, slots)).view(rows * bm, slots * bk)
+    return compact[:m]
 
 
-def scatter_tiles(compact, kept, block, shape, fill=True):
-    """The (M, K) = shape matrix with gather_tiles' compact copy back in its kept tiles; the
-    dropped tiles are zeros, or left unset with fill=False (for kernels that never read them).
-    A view with row stride (tiles_per_row + 1) * BK: the extra tile takes the sentinel slots."""
+def scatter_tiles(compact, kept, block, shape):
+    """The (M, K) = shape matrix with gather_tiles' compact copy back in its kept tiles and
+    zeros elsewhere."""
     (rows, per_row), (bm, bk) = kept.shape, block
     slots = compact.shape[1] // bk
-    new = compact.new_zeros if fill else compact.new_empty
-    full = new(rows, bm, per_row + 1, bk)
+    compact = F.pad(compact, (0, 0, 0, rows * bm - compact.shape[0]))
+    full = compact.new_zeros(rows, bm, per_row + 1, bk)  # the extra tile takes the sentinel slots
     full.scatter_(2, _tile_index(kept, block, slots), compact.view(rows, bm, slots, bk))
-    return full[:, :, :per_row].view(rows * bm, per_row * bk)[: shape[0], : shape[1]]
+    return full[:, :, :per_row].reshape(rows * bm, per_row * bk)[: shape[0], : shape[1]]

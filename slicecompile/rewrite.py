@@ -11,13 +11,14 @@ so the mask is drawn inside the compiled graph from torch's generator, with no h
 import contextlib
 import operator
 
+import torch
 from torch._guards import detect_fake_mode
 
 from .dropout_bmm import draw_batched_block_mask, dropout_bmm_with_mask
 from .dropout_conv import dropout_conv2d
 from .dropout_linear_op import dropout_linear_with_mask
 from .masks import BlockMask, draw_block_mask
-from .slice_dropout import SliceWindow, draw_slice_window, slice_dropout_linear_with_window
+from .slice_dropout import SliceWindow, slice_dropout_linear_with_window
 
 
 def draw_site_mask(x, p, block):
@@ -52,7 +53,7 @@ def linear_under_mask(x, weight, bias, kept, count, p, block, dtype):
 
 def draw_site_window(x, p):
     """One slice window over x's last dimension, shared by every matmul of the site."""
-    return draw_slice_window(x.shape[-1], p).window
+    return torch.ops.slicecompile.draw_slice_window(x.shape[-1], float(p))
 
 
 def linear_under_window(x, weight, bias, window, p, dtype):

@@ -122,6 +122,23 @@ def test_slice_policy_training_step_matches_reference():
     assert stats()["rewritten"] >= 2 and "fallback" not in stats(), stats()
 
 
+@pytest.mark.gpu
+def test_slice_policy_under_cuda_graphs_draws_fresh_windows():
+    """mode="reduce-overhead": the slice ops stay outside CUDA graphs, so each step still draws
+    its own window; the block policy's masks are drawn on the device and may be graphed."""
+    torch.manual_seed(0)
+    model = TwoSites().cuda()
+    for policy in ("slice", "block"):
+        torch._dynamo.reset()
+        options = {"block": BLOCK, "min_gemm_size": 0, "policy": policy}
+        compiled = torch.compile(model, backend="slicecompile", mode="reduce-overhead", options=options)
+        x = torch.randn(2, 24, 32, device="cuda")
+        with torch.no_grad():
+            outputs = [compiled(x).clone() for _ in range(5)]
+        assert all(torch.isfinite(out).all() for out in outputs)
+        assert len({out.sum().item() for out in outputs[2:]}) == 3, f"{policy}: the same mask replayed"
+
+
 class WideBlock(nn.Module):
     """A Wide ResNet block: conv → BN → ReLU → dropout → conv, plus the shortcut."""
 

@@ -10,8 +10,8 @@ import triton
 from hypothesis import given
 from hypothesis import strategies as st
 
-from slicecompile import draw_block_mask
-from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul
+from slicecompile import draw_block_mask, masks
+from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul, tile_copy
 from slicecompile.kernels.runtime import fit_to_mask, size_key
 
 from conftest import DEVICE
@@ -189,6 +189,35 @@ tuner = autotuners()["sparse_input_matmul (tma)"]
 assert 128 % config.kwargs["BLOCK_M"] == 0 and 128 % config.kwargs["BLOCK_K"] == 0
 print("benchmarked" if hasattr(tuner, "bench_time") else "from disk")
 """
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, cols, block", [(64, 64, (32, 16)), (50, 70, (16, 32)), (16, 16, (16, 16))])
+def test_tile_copy_matches_torch(rows, cols, block, dtype):
+    """The kernels' compact copy equals the torch ops' (zeros in unused slots and past the edges),
+    and scattering it back writes the kept tiles only."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, cols, device=DEVICE).to(dtype)
+    for p in (0.3, 0.6):
+        mask = masks.draw_block_mask(rows, cols, p, block, device=DEVICE)
+        slots = masks.max_count(mask.grid[1], p)
+        compact = tile_copy.gather_tiles(x, mask.kept, block, slots)
+        assert torch.equal(compact, masks.gather_tiles(x, mask.kept, block, slots))
+        out = torch.full_like(x, 7.0)
+        tile_copy.scatter_tiles(compact, mask.kept, block, out)
+        elements = mask.elements()
+        assert torch.equal(out[elements], x[elements]) and (out[~elements] == 7.0).all()
+
+
+def test_tile_copy_bad_inputs():
+    x = torch.randn(32, 32, device=DEVICE)
+    kept = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(TypeError, match="int32"):
+        tile_copy.gather_tiles(x, kept.long(), (16, 16), 1)
+    with pytest.raises(ValueError, match="block-rows"):
+        tile_copy.gather_tiles(x, kept[:1], (16, 16), 1)
+    with pytest.raises(ValueError, match="compact"):
+        tile_copy.gather_tiles(x, kept, (16, 16), 3)
 
 
 @pytest.mark.gpu

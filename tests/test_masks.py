@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from slicecompile import draw_block_mask
+from slicecompile.masks import gather_tiles, max_count, scatter_tiles
 
 from conftest import DEVICE
 
@@ -82,3 +83,22 @@ def test_every_tile_is_equally_likely():
     rate = _keep_rate(64, 160, p, (32, 32), draws)  # 5 tiles per row, 2 kept on average
     sigma = math.sqrt(p * (1 - p) / draws)
     assert ((rate - (1 - p)).abs() < 5 * sigma).all(), rate
+
+
+@given(
+    rows=st.integers(1, 70),
+    cols=st.integers(1, 70),
+    p=st.floats(0.05, 0.9),
+    block=st.sampled_from([(16, 16), (32, 16), (16, 64)]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_compact_copy_round_trip(rows, cols, p, block, seed):
+    """scatter(gather(x)) is x under the mask: the compact copy holds exactly the kept tiles."""
+    torch.manual_seed(seed)
+    x = torch.randn(rows, cols, device=DEVICE)
+    mask = draw_block_mask(rows, cols, p, block, device=DEVICE)
+    slots = max_count(mask.grid[1], p)
+    compact = gather_tiles(x, mask.kept, block, slots)
+    assert compact.shape == (rows, slots * block[1])
+    assert torch.equal(scatter_tiles(compact, mask.kept, block, x.shape), x * mask.elements())
+    assert int(mask.count) <= slots

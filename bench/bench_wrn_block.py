@@ -1,0 +1,158 @@
+"""Training step of Wide ResNet-28-10-style blocks (BN → ReLU → conv3x3 → BN → ReLU → dropout →
+conv3x3, plus the identity shortcut; by default the last stage: 4 blocks of 640 channels at 8x8,
+batch 128, bf16 autocast, SGD with momentum 0.9, lr 0.01) under eager, backend="inductor" and
+backend="slicecompile" with the block and the slice policy. Reports the median step time (CUDA
+events), the summed GPU kernel time of a step (torch.profiler) and the loss over the run, and
+appends rows to bench/results/wrn_block.csv.
+
+    python bench/bench_wrn_block.py --p 0.3 0.5
+"""
+
+import argparse
+import csv
+import datetime
+import pathlib
+import statistics
+
+import torch
+import torch.nn as nn
+import triton
+
+import slicecompile
+from slicecompile.timing import kernel_ms
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+FIELDS = "gpu variant mode p blocks channels size batch step_ms kernel_ms loss_first loss_last torch triton timestamp".split()
+VARIANTS = {
+    "eager": (None, None),
+    "inductor": ("inductor", None),
+    "slicecompile block": ("slicecompile", {"policy": "block"}),
+    "slicecompile slice": ("slicecompile", {"policy": "slice"}),
+}
+
+
+class WideBlock(nn.Module):
+    def __init__(self, channels, p):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(channels), nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        hidden = self.conv1(torch.relu(self.bn1(x)))
+        return x + self.conv2(self.drop(torch.relu(self.bn2(hidden))))
+
+
+class Stage(nn.Module):
+    def __init__(self, blocks, channels, p, classes=100):
+        super().__init__()
+        self.blocks = nn.Sequential(*(WideBlock(channels, p) for _ in range(blocks)))
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean(dim=(2, 3)))
+
+
+def train(variant, p, args, batches):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Stage(args.blocks, args.channels, p).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    backend, options = VARIANTS[variant]
+    step_fn = model if backend is None else torch.compile(model, backend=backend, mode=args.mode, options=options)
+
+    def step(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(step_fn(x).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    losses, times = [], []
+    for i in range(args.steps):
+        x, y = batches[i % len(batches)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = step(x, y)
+        end.record()
+        end.synchronize()
+        losses.append(loss.item())
+        times.append(start.elapsed_time(end))
+    x, y = batches[0]
+    counters = torch._dynamo.utils.counters
+    print(f"  {variant}: {counters['stats']['unique_graphs']} graphs so far, {dict(counters['slicecompile'])}")
+    return statistics.median(times[args.warmup :]), kernel_ms(lambda: step(x, y), steps=5), losses
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--p", type=float, nargs="+", default=[0.3, 0.5])
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--channels", type=int, default=640)
+    parser.add_argument("--size", type=int, default=8, help="height and width of the feature maps")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)')
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    shape = (args.batch, args.channels, args.size, args.size)
+    # A learnable task: the class is a fixed random projection of the input's channel means.
+    projection = torch.randn(args.channels, 100, device="cuda")
+    batches = []
+    for _ in range(4):
+        x = torch.randn(shape, device="cuda")
+        batches.append((x, (x.mean(dim=(2, 3)) @ projection).argmax(dim=1)))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        print(slicecompile.explain(Stage(args.blocks, args.channels, args.p[0]).cuda(), batches[0][0]))
+
+    gpu = torch.cuda.get_device_name()
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "wrn_block.csv"
+    new = not out.exists()
+    print(f"\n{gpu}: {args.blocks} WRN blocks, {args.channels} channels at {args.size}x{args.size}, batch {args.batch}")
+    print(
+        f"{'variant':<20}{'p':>5}{'step ms':>9}{'kernel ms':>11}{'vs inductor':>13}{'loss first':>12}{'loss last':>11}"
+    )
+    with open(out, "a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+        for p in args.p:
+            inductor_ms = None
+            for variant in args.variants:
+                step_ms, gpu_ms, losses = train(variant, p, args, batches)
+                inductor_ms = step_ms if variant == "inductor" else inductor_ms
+                versus = f"{inductor_ms / step_ms:.2f}x" if inductor_ms else "-"
+                print(
+                    f"{variant:<20}{p:>5}{step_ms:>9.2f}{gpu_ms:>11.2f}{versus:>13}{losses[0]:>12.4f}{losses[-1]:>11.4f}"
+                )
+                writer.writerow(
+                    dict(
+                        gpu=gpu,
+                        variant=variant,
+                        mode=args.mode or "default",
+                        p=p,
+                        blocks=args.blocks,
+                        channels=args.channels,
+                        size=args.size,
+                        batch=args.batch,
+                        step_ms=f"{step_ms:.3f}",
+                        kernel_ms=f"{gpu_ms:.3f}",
+                        loss_first=f"{losses[0]:.5f}",
+                        loss_last=f"{losses[-1]:.5f}",
+                        torch=torch.__version__,
+                        triton=triton.__version__,
+                        timestamp=stamp,
+                    )
+                )
+
+
+if __name__ == "__main__":
+    main()
