@@ -22,7 +22,8 @@ import slicecompile
 from slicecompile.timing import kernel_ms
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-FIELDS = "gpu variant mode p blocks channels size batch step_ms kernel_ms loss_first loss_last torch triton timestamp".split()
+FIELDS = "gpu variant mode p blocks channels size batch step_ms kernel_ms".split()
+FIELDS += "loss_first loss_last torch triton timestamp".split()
 VARIANTS = {
     "eager": (None, None),
     "inductor": ("inductor", None),
@@ -60,7 +61,9 @@ def train(variant, p, args, batches):
     model = Stage(args.blocks, args.channels, p).cuda()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     backend, options = VARIANTS[variant]
-    step_fn = model if backend is None else torch.compile(model, backend=backend, mode=args.mode, options=options)
+    if args.cudagraphs:  # mode="reduce-overhead", which torch.compile does not take together with options=
+        options = {**(options or {}), "triton.cudagraphs": True}
+    step_fn = model if backend is None else torch.compile(model, backend=backend, options=options)
 
     def step(x, y):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -95,7 +98,7 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)')
+    parser.add_argument("--cudagraphs", action="store_true", help='CUDA graphs, as mode="reduce-overhead"')
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
@@ -137,7 +140,7 @@ def main():
                     dict(
                         gpu=gpu,
                         variant=variant,
-                        mode=args.mode or "default",
+                        mode="cudagraphs" if args.cudagraphs else "default",
                         p=p,
                         blocks=args.blocks,
                         channels=args.channels,

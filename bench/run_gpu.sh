@@ -2,13 +2,15 @@
 # On a CUDA machine with torch and triton installed: install slicecompile in place, then run
 # the named parts (default: all) — tests: the test suite on the GPU and the demo; kernels: the
 # kernel-variant sweep, the dropout_linear benchmarks (bf16, fp16, fp32) and the block sweep
-# behind DEFAULT_BLOCK; encoder: the 4-layer encoder training step. CSV rows go to bench/results/, logs to ${OUT:-bench/results}.
+# behind DEFAULT_BLOCK; encoder: the 4-layer encoder training step; slice: the slice policy and
+# the compact saved input against cuBLAS; memory: the encoder step's peak memory; wrn: Wide
+# ResNet blocks. CSV rows go to bench/results/, logs to ${OUT:-bench/results}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests kernels encoder}
+parts=${*:-tests kernels encoder slice memory wrn}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$out/gpu.txt"
 for part in $parts; do
@@ -33,6 +35,18 @@ for part in $parts; do
         | tee "$out/bench_blocks.log" ;;
     encoder)
       python3 bench/bench_encoder.py --steps 50 2>&1 | tee "$out/bench_encoder.log" ;;
+    slice)
+      S="--shapes 8192,4096,4096 8192,16384,4096 16384,4096,16384 4096,1024,4096"
+      python3 bench/bench_dropout_linear.py $S --p 0.5 --providers dropout_eager limit slicecompile slicecompile_slice \
+        --csv dropout_linear_slice.csv 2>&1 | tee "$out/bench_slice.log"
+      python3 bench/bench_dropout_linear.py --shapes 8192,4096,4096 16384,4096,16384 --p 0.5 0.1 \
+        --providers dropout_eager limit slicecompile --csv dropout_linear_compact.csv 2>&1 | tee "$out/bench_compact.log" ;;
+    memory)
+      (cd bench && python3 bench_memory.py --p 0.1 0.5) 2>&1 | tee "$out/bench_memory.log" ;;
+    wrn)
+      (cd bench && python3 bench_wrn_block.py --p 0.3 0.5) 2>&1 | tee "$out/bench_wrn_block_default.log"
+      (cd bench && python3 bench_wrn_block.py --p 0.3 0.5 --cudagraphs --variants inductor "slicecompile block" \
+        "slicecompile slice") 2>&1 | tee "$out/bench_wrn_block_cudagraphs.log" ;;
   esac
 done
 cp bench/results/*.csv "$out/" 2>/dev/null || true

@@ -67,7 +67,7 @@ class SliceWindow:
 
     def features(self, device=None):
         """(in_features,) float32 multiplier of each input feature: the dense form of the mask."""
-        dense = torch.zeros(self.in_features, dtype=torch.float32)
+        dense = torch.zeros(self.in_features, dtype=torch.float32, device="cpu")
         for first, end, _ in self.pieces():
             dense[first:end] = 1.0 / (1.0 - self.p)
         return dense.to(device)
@@ -83,10 +83,10 @@ def _draw_impl(in_features: int, p: float) -> Tensor:
     unit = slice_unit(in_features)
     units = in_features // unit
     kept = (1.0 - p) * units
-    u_start, u_width = torch.rand(2, dtype=torch.float64).tolist()  # torch's CPU generator: no device sync
+    u_start, u_width = torch.rand(2, dtype=torch.float64, device="cpu").tolist()  # no device sync
     start = min(int(u_start * units), units - 1) * unit
     width = (math.floor(kept) + int(u_width < kept - math.floor(kept))) * unit
-    return torch.tensor([start, width], dtype=torch.int64)
+    return torch.tensor([start, width], dtype=torch.int64, device="cpu")
 
 
 _draw = torch.library.custom_op("slicecompile::draw_slice_window", _draw_impl, mutates_args=(), tags=_RANDOM)

@@ -124,14 +124,15 @@ def test_slice_policy_training_step_matches_reference():
 
 @pytest.mark.gpu
 def test_slice_policy_under_cuda_graphs_draws_fresh_windows():
-    """mode="reduce-overhead": the slice ops stay outside CUDA graphs, so each step still draws
-    its own window; the block policy's masks are drawn on the device and may be graphed."""
+    """CUDA graphs (mode="reduce-overhead", which with options= is the Inductor option
+    triton.cudagraphs): the slice ops stay outside the graphs, so each step still draws its own
+    window; the block policy's masks are drawn on the device and may be graphed."""
     torch.manual_seed(0)
     model = TwoSites().cuda()
     for policy in ("slice", "block"):
         torch._dynamo.reset()
-        options = {"block": BLOCK, "min_gemm_size": 0, "policy": policy}
-        compiled = torch.compile(model, backend="slicecompile", mode="reduce-overhead", options=options)
+        options = {"block": BLOCK, "min_gemm_size": 0, "policy": policy, "triton.cudagraphs": True}
+        compiled = torch.compile(model, backend="slicecompile", options=options)
         x = torch.randn(2, 24, 32, device="cuda")
         with torch.no_grad():
             outputs = [compiled(x).clone() for _ in range(5)]

@@ -166,3 +166,20 @@ def test_bad_inputs():
         slice_dropout_linear_with_window(x, w, None, SliceWindow(torch.tensor([30, 2]), 30, 0.5))
     with pytest.raises(ValueError, match="policy"):
         dropout_linear(x, w, p=0.5, policy="columns")
+
+
+def test_activation_checkpointing_recomputes_the_same_window():
+    """torch.utils.checkpoint restores the CPU generator before recomputing, so the recomputed
+    forward draws the window the first forward drew: gradients equal the plain run's."""
+    x = torch.randn(4, 4096, device=DEVICE, requires_grad=True)  # 64 window starts: a fresh draw
+    w = torch.randn(8, 4096, device=DEVICE, requires_grad=True)  # would differ 63 times in 64
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(11)
+        if checkpointed:
+            y = torch.utils.checkpoint.checkpoint(slice_dropout_linear, x, w, None, 0.5, use_reentrant=False)
+        else:
+            y = slice_dropout_linear(x, w, None, 0.5)
+        grads.append(torch.autograd.grad(y.square().sum(), (x, w)))
+    for plain, recomputed in zip(*grads, strict=True):
+        assert torch.equal(plain, recomputed)
