@@ -22,7 +22,7 @@ import slicecompile
 from slicecompile.timing import kernel_ms
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-FIELDS = "gpu variant mode p blocks channels size batch step_ms kernel_ms".split()
+FIELDS = "gpu variant mode samples_per_group p blocks channels size batch step_ms kernel_ms".split()
 FIELDS += "loss_first loss_last torch triton timestamp".split()
 VARIANTS = {
     "eager": (None, None),
@@ -61,6 +61,8 @@ def train(variant, p, args, batches):
     model = Stage(args.blocks, args.channels, p).cuda()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     backend, options = VARIANTS[variant]
+    if backend == "slicecompile":
+        options = {**options, "samples_per_group": args.samples_per_group}
     if args.cudagraphs:  # mode="reduce-overhead", which torch.compile does not take together with options=
         options = {**(options or {}), "triton.cudagraphs": True}
     step_fn = model if backend is None else torch.compile(model, backend=backend, options=options)
@@ -98,6 +100,7 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--samples-per-group", type=int, default=8, help="the block policy's sample groups")
     parser.add_argument("--cudagraphs", action="store_true", help='CUDA graphs, as mode="reduce-overhead"')
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -141,6 +144,7 @@ def main():
                         gpu=gpu,
                         variant=variant,
                         mode="cudagraphs" if args.cudagraphs else "default",
+                        samples_per_group=args.samples_per_group if variant == "slicecompile block" else "",
                         p=p,
                         blocks=args.blocks,
                         channels=args.channels,

@@ -49,6 +49,7 @@ class Options:
     policy: str = "block"  # or "slice": one window of features per linear layer (batched matmuls stay block)
     min_gemm_size: int = DEFAULT_MIN_GEMM_SIZE  # M*K*N summed over a site's matmuls
     enabled: bool = True
+    samples_per_group: int = 8  # dropout -> conv2d, block policy: samples sharing one channel mask
 
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
@@ -81,6 +82,9 @@ def _validated(options):
         raise ValueError(f"min_gemm_size must be an int >= 0, got {size!r}")
     if not isinstance(options.enabled, bool):
         raise TypeError(f"enabled must be a bool, got {options.enabled!r}")
+    group = options.samples_per_group
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"samples_per_group must be a positive int, got {group!r}")
     return replace(options, block=block)
 
 
@@ -158,7 +162,7 @@ def slicecompile_backend(gm, example_inputs, *, mode=None, options=None):
     try:
         rewritten = _copy(gm)
         sites = find_sites(rewritten, settings)
-        applied = rewrite(rewritten, sites, settings.block)
+        applied = rewrite(rewritten, sites, settings.block, settings.samples_per_group)
     except DYNAMO_CONTROL_FLOW:
         raise
     except Exception:

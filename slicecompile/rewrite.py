@@ -62,11 +62,12 @@ def linear_under_window(x, weight, bias, window, p, dtype):
     return slice_dropout_linear_with_window(x.to(dtype), weight.to(dtype), bias, SliceWindow(window, x.shape[-1], p))
 
 
-def conv2d_under_channel_mask(x, weight, bias, conv, p, policy, dtype):
+def conv2d_under_channel_mask(x, weight, bias, conv, p, policy, samples_per_group, dtype):
     """F.conv2d(x, weight, bias, *conv) in dtype, with x's channels dropped under policy; the
     convolution is the site's only consumer, so the mask is drawn inside."""
     bias = None if bias is None else bias.to(dtype)
-    return dropout_conv2d(x.to(dtype), weight.to(dtype), bias, *conv, p=p, policy=policy)
+    x, weight = x.to(dtype), weight.to(dtype)
+    return dropout_conv2d(x, weight, bias, *conv, p=p, policy=policy, samples_per_group=samples_per_group)
 
 
 def _example_value(node, fn, *args):
@@ -80,7 +81,7 @@ def _example_value(node, fn, *args):
         node.meta.pop("example_value", None)
 
 
-def rewrite_site(graph, site, block):
+def rewrite_site(graph, site, block, samples_per_group=8):
     """Replace one decided site (site.rewritten) in graph, which holds site.node."""
     dropout = site.node
     source = dropout.args[0]
@@ -102,7 +103,7 @@ def rewrite_site(graph, site, block):
                 weight = graph.call_method("t", (weight,))
                 _example_value(weight, lambda w: w.t(), match.weight)
             if conv:
-                args = (operand, weight, match.bias, conv, site.p, site.policy, match.dtype)
+                args = (operand, weight, match.bias, conv, site.p, site.policy, samples_per_group, match.dtype)
                 replacement = graph.call_function(conv2d_under_channel_mask, args)
             elif site.policy == "slice":
                 replacement = graph.call_function(
@@ -136,11 +137,12 @@ def _draw(graph, site, operand, block):
     return kept, count, site.p, block
 
 
-def rewrite(gm, sites, block):
-    """Apply every site marked rewritten; returns how many were applied."""
+def rewrite(gm, sites, block, samples_per_group=8):
+    """Apply every site marked rewritten; returns how many were applied. block: the tile of the
+    matmul sites; samples_per_group: the sample groups of a block-policy conv2d site."""
     applied = [site for site in sites if site.rewritten]
     for site in applied:
-        rewrite_site(gm.graph, site, block)
+        rewrite_site(gm.graph, site, block, samples_per_group)
     gm.graph.lint()
     gm.recompile()
     return len(applied)

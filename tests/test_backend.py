@@ -158,12 +158,12 @@ class WideBlock(nn.Module):
         return x + self.conv2(hidden * mask.factors().to(hidden)[:, :, None, None])
 
 
-@pytest.mark.parametrize("policy", ["block", "slice"])
-def test_dropout_conv2d_training_step_matches_reference(policy):
-    """6 samples (groups of 8) and 24 channels (blocks of 16): both ragged."""
+@pytest.mark.parametrize("policy, group", [("block", 8), ("block", 4), ("slice", 8)])
+def test_dropout_conv2d_training_step_matches_reference(policy, group):
+    """6 samples (one group of 6, or groups of 4 and 2) and 24 channels (blocks of 16): ragged."""
     torch.manual_seed(0)
     model = WideBlock()
-    options = {**OPTIONS, "policy": policy}
+    options = {**OPTIONS, "policy": policy, "samples_per_group": group}
     compiled = torch.compile(model, backend=slicecompile_backend, options=options, fullgraph=True)
     x = torch.randn(6, 24, 5, 5, requires_grad=True)
     reference_model = copy.deepcopy(model)  # its own BatchNorm running statistics
@@ -171,7 +171,7 @@ def test_dropout_conv2d_training_step_matches_reference(policy):
     out = compiled(x)
     grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
     torch.manual_seed(1)
-    mask = draw_channel_mask(6, 24, P, policy, device=x.device)
+    mask = draw_channel_mask(6, 24, P, policy, samples_per_group=group, device=x.device)
     refs = {}
     for dtype in (torch.float64, torch.float32):
         ref_model, ref_x = copy.deepcopy(reference_model).to(dtype), x.detach().to(dtype).requires_grad_()
@@ -351,7 +351,10 @@ def test_default_size_threshold_skips_small_gemms(inductor):
 
 
 def test_unknown_option_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown slicecompile option 'blokc'.*block, policy, min_gemm_size, enabled"):
+    with pytest.raises(
+        ValueError,
+        match="unknown slicecompile option 'blokc'.*block, policy, min_gemm_size, enabled, samples_per_group",
+    ):
         parse_options({"blokc": 64})
     with pytest.raises(Exception, match="unknown slicecompile option"):
         _run(options={"blokc": 64})
@@ -364,6 +367,7 @@ def test_unknown_option_lists_the_known_ones():
         ({"policy": "columns"}, "unknown policy 'columns'; known policies: block, slice"),
         ({"min_gemm_size": -1}, "min_gemm_size must be an int >= 0"),
         ({"enabled": "yes"}, "enabled must be a bool"),
+        ({"samples_per_group": 0}, "samples_per_group must be a positive int"),
     ],
 )
 def test_bad_option_values(options, error):
