@@ -96,13 +96,11 @@ def _tile_index(kept, block, slots):
 def gather_tiles(x2d, kept, block, slots):
     """The first `slots` kept tiles of each block-row of x2d (M, K), side by side: a compact
     (M, slots * BK) copy, zeros in sentinel slots and past x's edges. Torch ops, for CPUs and
-    references: kernels.gather_tiles does the same on a GPU."""
+    references: kernels.tile_copy.gather_tiles does the same on a GPU."""
     (rows, per_row), (bm, bk) = kept.shape, block
     m, k = x2d.shape
-    symbolic = any(isinstance(size, torch.SymInt) for size in (m, k))
-    if symbolic or m != rows * bm or k != per_row * bk:  # ragged edges (no guard on a symbolic size): pad
-        x2d = F.pad(x2d, (0, per_row * bk - k, 0, rows * bm - m))
-    tiles = F.pad(x2d.view(rows, bm, per_row, bk), (0, 0, 0, 1))  # the sentinel's tile: zeros
+    # Zeros to whole tiles, plus one zero tile per row of tiles where the sentinel points.
+    tiles = F.pad(x2d, (0, (per_row + 1) * bk - k, 0, rows * bm - m)).view(rows, bm, per_row + 1, bk)
     compact = tiles.gather(2, _tile_index(kept, block, slots)).view(rows * bm, slots * bk)
     return compact[:m]
 

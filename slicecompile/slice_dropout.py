@@ -15,8 +15,9 @@ nothing element-wise.
 Views need the window's start and width as host integers, so the window is drawn by torch's
 CPU generator (torch.manual_seed reproduces it; no device synchronisation) in its own op, and
 travels to the GEMM ops as a 2-element CPU tensor. A CUDA graph would replay the window it was
-captured with: the ops refuse to be captured, and torch.compile does not put them in CUDA graphs
-(the cudagraph_unsafe tag). policy="block" is the one to use under CUDA graphs.
+captured with: the ops refuse to be captured, and their cudagraph_unsafe tag keeps them out of
+the CUDA graphs torch.compile makes (with Inductor's graph partitioning the rest of the graph is
+still captured). Inside a CUDA graph captured by hand, use policy="block".
 """
 
 import math
