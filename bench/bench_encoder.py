@@ -18,7 +18,7 @@ import torch.nn as nn
 import triton
 
 import slicecompile
-from slicecompile.timing import kernel_ms
+from slicecompile.timing import kernel_ms, timed_steps
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FIELDS = "gpu backend p layers d_model ffn tokens step_ms kernel_ms loss_first loss_last torch triton timestamp".split()
@@ -51,16 +51,7 @@ def train(backend, args, batches):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    losses, times = [], []
-    for i in range(args.steps):
-        x, y = batches[i % len(batches)]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = step(x, y)
-        end.record()
-        end.synchronize()
-        losses.append(loss.item())
-        times.append(start.elapsed_time(end))
+    times, losses = timed_steps(step, batches, args.steps)
     x, y = batches[0]
     return statistics.median(times[args.warmup :]), kernel_ms(lambda: step(x, y), steps=5), losses
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import triton
 
 import slicecompile
-from slicecompile.timing import kernel_ms
+from slicecompile.timing import kernel_ms, timed_steps
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FIELDS = "gpu variant mode samples_per_group p blocks channels size batch step_ms kernel_ms".split()
@@ -75,16 +75,7 @@ def train(variant, p, args, batches):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    losses, times = [], []
-    for i in range(args.steps):
-        x, y = batches[i % len(batches)]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = step(x, y)
-        end.record()
-        end.synchronize()
-        losses.append(loss.item())
-        times.append(start.elapsed_time(end))
+    times, losses = timed_steps(step, batches, args.steps)
     x, y = batches[0]
     counters = torch._dynamo.utils.counters
     print(f"  {variant}: {counters['stats']['unique_graphs']} graphs so far, {dict(counters['slicecompile'])}")

@@ -39,17 +39,20 @@ def _check_tensor(name, t):
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
 
 
-def check_linear_operands(x, weight, bias):
-    """F.linear's layout: x (..., in_features), weight (out_features, in_features), bias (out_features,)."""
-    _check_tensor("x", x)
-    _check_tensor("weight", weight)
-    if bias is not None:
-        _check_tensor("bias", bias)
+def check_operands(x, weight, bias):
+    """x, weight and bias (or None): non-empty tensors of one supported dtype on one device."""
     tensors = {"x": x, "weight": weight} | ({} if bias is None else {"bias": bias})
+    for name, t in tensors.items():
+        _check_tensor(name, t)
     if len({t.dtype for t in tensors.values()}) > 1:
         raise TypeError("x, weight and bias must share one dtype, got " + _describe(tensors, "dtype"))
     if len({t.device for t in tensors.values()}) > 1:
         raise ValueError("x, weight and bias must be on one device, got " + _describe(tensors, "device"))
+
+
+def check_linear_operands(x, weight, bias):
+    """F.linear's layout: x (..., in_features), weight (out_features, in_features), bias (out_features,)."""
+    check_operands(x, weight, bias)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1:

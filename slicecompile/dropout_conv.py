@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checks import SUPPORTED_DTYPES, check_p
+from .checks import check_operands, check_p
 
 POLICIES = ("block", "slice")
 
@@ -194,22 +194,11 @@ def _check_settings(policy, block_channels, samples_per_group):
 
 def _check_conv_operands(x, weight, bias):
     """F.conv2d's layout with groups = 1: x (N, C, H, W), weight (out, C, kh, kw), bias (out,)."""
-    tensors = {"x": x, "weight": weight} | ({} if bias is None else {"bias": bias})
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-    if len({t.dtype for t in tensors.values()}) > 1:
-        raise TypeError("x, weight and bias must share one dtype, got " + _describe(tensors, "dtype"))
-    if len({t.device for t in tensors.values()}) > 1:
-        raise ValueError("x, weight and bias must be on one device, got " + _describe(tensors, "device"))
+    check_operands(x, weight, bias)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (out_channels, in_channels, kh, kw), got shape {tuple(weight.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"x is empty (shape {tuple(x.shape)})")
     if x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"x has {x.shape[1]} channels but weight expects in_channels = {weight.shape[1]} "
@@ -226,7 +215,3 @@ def _check_mask_fits(mask, x):
         raise ValueError(f"the mask covers (N, C) = {tuple(mask.shape)} but x has {tuple(x.shape[:2])}")
     if mask.channels.device != x.device:
         raise ValueError(f"the mask is on {mask.channels.device} but x is on {x.device}")
-
-
-def _describe(tensors, attr):
-    return ", ".join(f"{name}: {getattr(t, attr)}" for name, t in tensors.items())

@@ -111,7 +111,8 @@ def _refuse_capture(t):
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "policy='slice' draws its window on the host, so a CUDA graph would replay one window "
-            "forever; use policy='block' under CUDA graphs"
+            "forever; use policy='block' inside a CUDA graph captured by hand (torch.compile keeps this op "
+            "out of its CUDA graphs)"
         )
 
 

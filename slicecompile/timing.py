@@ -38,3 +38,18 @@ def kernel_ms(fn, grad_to_none=(), steps=10):
             fn()
         torch.cuda.synchronize()
     return sum(event.self_device_time_total for event in prof.key_averages()) / steps / 1000
+
+
+def timed_steps(step, batches, steps):
+    """Run step(*batches[i % len(batches)]) `steps` times on a GPU; returns each step's wall ms
+    (CUDA events, synchronised after every step) and its loss (step's return value)."""
+    times, losses = [], []
+    for i in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = step(*batches[i % len(batches)])
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        losses.append(loss.item())
+    return times, losses
