@@ -221,8 +221,9 @@ _forward.register_autograd(
 
 
 class _EagerSliceLinear(torch.autograd.Function):
-    """The same computation without the custom ops' dispatch, which costs the host about 0.1 ms
-    per op call: what eager calls run. torch.compile traces the custom ops instead."""
+    """The same computation without the custom ops' dispatch (tens of microseconds of host time
+    per op call; a fifth of the eager op's host time on a 2-core CPU): what eager calls run.
+    torch.compile traces the custom ops instead."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, window, p):
