@@ -1,84 +1,207 @@
-"""python -m slicecompile demo: check dropout_linear against its dense reference, then time it
-against F.dropout + F.linear on whatever device is present."""
+"""python -m slicecompile demo: train a small byte-level Transformer language model on Python's
+own standard-library sources under each backend (and policy) asked for, and compare validation
+loss against training wall-clock time: a table, a CSV of the curves and a PNG plot in --out.
+
+    python -m slicecompile demo                                  # defaults for the device present
+    python -m slicecompile demo --backend inductor slicecompile --policy block slice --p 0.1 --steps 2000
+
+Training time excludes the first step (compilation) and the evaluations.
+"""
 
 import argparse
+import csv
+import pathlib
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
-from . import DEFAULT_BLOCK, draw_block_mask, dropout_linear, dropout_linear_reference, dropout_linear_with_mask
-from .timing import median_ms
+from . import textdata
+from .lm import Config, LanguageModel
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BACKENDS = ("eager", "inductor", "slicecompile")
+POLICIES = ("block", "slice")
+# A CPU run finishes in a few minutes; a GPU run is a real (small) training run.
+CPU_DEFAULTS = dict(
+    layers=2, width=128, heads=4, context=64, batch=16, steps=150, eval_every=50, backend=["eager", "slicecompile"]
+)
+GPU_DEFAULTS = dict(
+    layers=6,
+    width=384,
+    heads=6,
+    context=256,
+    batch=64,
+    steps=2000,
+    eval_every=200,
+    backend=["inductor", "slicecompile"],
+)
 
 
-def check(device, dtype, block):
-    """Relative error of forward and gradients against a float64 reference under one mask."""
-    torch.manual_seed(0)
-    x = torch.randn(3, 300, 520, device=device).to(dtype).requires_grad_()
-    w = (torch.randn(260, 520, device=device) / 520**0.5).to(dtype).requires_grad_()
-    mask = draw_block_mask(900, 520, 0.5, block, device=device)
-    y = dropout_linear_with_mask(x, w, None, mask)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
-    ref = dropout_linear_reference(x64, w64, None, mask)
-    ref.backward(dy.double())
-    pairs = {"y": (y, ref), "dx": (x.grad, x64.grad), "dw": (w.grad, w64.grad)}
-    return {k: ((a.double() - b).norm() / b.norm()).item() for k, (a, b) in pairs.items()}
+@dataclass
+class Run:
+    """One configuration's training: curve holds (training seconds, step, validation loss)."""
+
+    backend: str
+    policy: str  # "-" for eager and inductor
+    p: float
+    curve: list = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+
+    @property
+    def name(self):
+        return f"{self.backend}" + (f" {self.policy}" if self.policy != "-" else "") + f" p={self.p:g}"
 
 
-def time_providers(device, dtype, shape, p, block):
-    """Median ms of forward and forward+backward for each provider."""
-    M, K, N = shape
-    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
-    w = torch.randn(N, K, device=device, dtype=dtype, requires_grad=True)
-    dy = torch.randn(M, N, device=device, dtype=dtype)
-    providers = {
-        "F.linear": lambda: F.linear(x, w),
-        "F.dropout + F.linear": lambda: F.linear(F.dropout(x, p), w),
-        "slicecompile.dropout_linear": lambda: dropout_linear(x, w, p=p, block=block),
-    }
-    rows = []
-    for name, fn in providers.items():
-        with torch.no_grad():
-            fwd = median_ms(fn, device)
-        full = median_ms(lambda fn=fn: fn().backward(dy), device, grad_to_none=[x, w])
-        rows.append((name, fwd, full))
-    return rows
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model, batches):
+    model.eval()
+    loss = sum(model(x, y).item() for x, y in batches) / len(batches)
+    model.train()
+    return loss
+
+
+def train(run, config, args, data, device):
+    """Train one configuration for args.steps steps or args.budget training seconds."""
+    torch.manual_seed(args.seed)
+    model = LanguageModel(replace(config, p=run.p)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    options = {"policy": run.policy, "min_gemm_size": 0} if run.backend == "slicecompile" else None
+    step_model = model if run.backend == "eager" else torch.compile(model, backend=run.backend, options=options)
+    rng = torch.Generator().manual_seed(args.seed)
+    val_rng = torch.Generator().manual_seed(12345)
+    val_batches = [
+        textdata.batch(data[1], args.batch, config.context, val_rng, device) for _ in range(args.eval_batches)
+    ]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    limit = args.budget if args.budget else float("inf")
+    bar = tqdm(total=None if args.budget else args.steps, desc=run.name, unit="step", leave=False, mininterval=0.5)
+    while run.steps < args.steps and run.seconds < limit:
+        x, y = textdata.batch(data[0], args.batch, config.context, rng, device)
+        _sync(device)
+        start = time.perf_counter()
+        with autocast:
+            loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if run.steps > 0:  # the first step compiles
+            run.seconds += time.perf_counter() - start
+            run.tokens += x.numel()
+        run.steps += 1
+        if run.steps % args.eval_every == 0:  # the eager model: no second compilation for eval mode
+            with autocast:
+                run.curve.append((run.seconds, run.steps, evaluate(model, val_batches)))
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{run.tokens / max(run.seconds, 1e-9):.0f}")
+    bar.close()
+    if not run.curve or run.curve[-1][1] != run.steps:
+        with autocast:
+            run.curve.append((run.seconds, run.steps, evaluate(model, val_batches)))
+    return run
+
+
+def runs_asked(args):
+    """Every (backend, policy, p) configuration the flags name; p = 0 runs once per backend."""
+    runs = []
+    for backend in args.backend:
+        for p in args.p:
+            policies = args.policy if backend == "slicecompile" and p > 0 else ["-"]
+            runs += [Run(backend, policy, p) for policy in policies]
+    return runs
+
+
+def write_results(runs, out):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "demo.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["backend", "policy", "p", "train_seconds", "step", "val_loss"])
+        for run in runs:
+            writer.writerows(
+                [run.backend, run.policy, run.p, f"{s:.3f}", step, f"{loss:.4f}"] for s, step, loss in run.curve
+            )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        ax.plot(
+            [s for s, _, _ in run.curve], [loss for _, _, loss in run.curve], marker="o", markersize=3, label=run.name
+        )
+    ax.set_xlabel("training wall-clock time (s)")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("byte-level LM on Python standard-library sources")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=120)
+    plt.close(fig)
+
+
+def table(runs):
+    lines = [f"{'configuration':<28}{'steps':>7}{'train s':>9}{'tokens/s':>11}{'val loss':>10}{'best':>8}"]
+    for run in runs:
+        best = min(loss for _, _, loss in run.curve)
+        rate = run.tokens / run.seconds if run.seconds else 0.0
+        lines.append(
+            f"{run.name:<28}{run.steps:>7}{run.seconds:>9.1f}{rate:>11.0f}{run.curve[-1][2]:>10.4f}{best:>8.4f}"
+        )
+    return "\n".join(lines)
+
+
+def parser():
+    cli = argparse.ArgumentParser(prog="python -m slicecompile demo", description=__doc__.split("\n\n")[0])
+    cli.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_argument("--backend", nargs="+", choices=BACKENDS, help="several compare (default: by device)")
+    cli.add_argument("--policy", nargs="+", choices=POLICIES, default=["block"], help="slicecompile's policies")
+    cli.add_argument("--p", type=float, nargs="+", default=[0.1], help="dropout probabilities (0: no dropout)")
+    cli.add_argument("--steps", type=int, help="training steps per configuration (default: by device)")
+    cli.add_argument("--budget", type=float, help="training seconds per configuration instead of a step count")
+    for name in ("layers", "width", "heads", "context", "batch", "eval_every"):
+        cli.add_argument(f"--{name.replace('_', '-')}", type=int, help="default: by device")
+    cli.add_argument("--eval-batches", type=int, default=8)
+    cli.add_argument("--lr", type=float, default=1e-3)
+    cli.add_argument("--seed", type=int, default=0)
+    cli.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo_out"))
+    return cli
 
 
 def main(argv=None):
-    cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="python -m slicecompile demo", description=__doc__)
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16" if cuda else "float32")
-    parser.add_argument(
-        "--shape",
-        type=int,
-        nargs=3,
-        metavar=("M", "K", "N"),
-        default=(8192, 4096, 4096) if cuda else (1024, 1024, 1024),
-    )
-    parser.add_argument("--p", type=float, default=0.5)
-    parser.add_argument("--block", type=int, nargs=2, default=DEFAULT_BLOCK)
-    args = parser.parse_args(argv)
-    dtype, block = DTYPES[args.dtype], tuple(args.block)
-
-    errors = check(args.device, dtype, block)
-    ok = all(err < (1e-5 if dtype == torch.float32 else 2e-2) for err in errors.values())
-    print(
-        f"check on {args.device}, {args.dtype}, block {block}: "
-        + ", ".join(f"{k} rel. error {v:.1e}" for k, v in errors.items())
-        + (" -> OK" if ok else " -> FAILED")
-    )
-    if not ok:
-        return 1
-    if args.device == "cpu":
-        print("(on a CPU the op runs its pure-PyTorch path: correct, not fast; the speed-up needs a GPU)")
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"\n{name}, {args.dtype}, (M, K, N) = {tuple(args.shape)}, p = {args.p}: median ms")
-    print(f"{'provider':<30}{'forward':>10}{'fwd+bwd':>10}")
-    for provider, fwd, full in time_providers(args.device, dtype, args.shape, args.p, block):
-        print(f"{provider:<30}{fwd:>10.3f}{full:>10.3f}")
+    compare(parser().parse_args(argv))
     return 0
+
+
+def compare(args):
+    """Train every configuration args asks for; write the CSV and plot; print the table."""
+    device = torch.device(args.device)
+    if args.budget and args.steps is None:
+        args.steps = 10**9  # the budget ends each run
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for p in args.p:
+        if not 0 <= p < 1:
+            raise SystemExit(f"--p must be in [0, 1), got {p}")
+    config = Config(context=args.context, layers=args.layers, heads=args.heads, width=args.width)
+    data = textdata.load()
+    print(
+        f"{device}: {args.layers} layers, width {args.width}, context {args.context}, batch {args.batch}; "
+        f"{len(data[0]):,} training and {len(data[1]):,} validation bytes of {len(textdata.FILES)} stdlib files"
+    )
+    runs = [train(run, config, args, data, device) for run in runs_asked(args)]
+    write_results(runs, args.out)
+    print(table(runs))
+    print(f"curves: {args.out / 'demo.csv'}, plot: {args.out / 'val_loss.png'}")
+    return runs
