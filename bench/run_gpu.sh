@@ -4,13 +4,13 @@
 # kernel-variant sweep, the dropout_linear benchmarks (bf16, fp16, fp32) and the block sweep
 # behind DEFAULT_BLOCK; encoder: the 4-layer encoder training step; slice: the slice policy and
 # the compact saved input against cuBLAS; memory: the encoder step's peak memory; wrn: Wide
-# ResNet blocks. CSV rows go to bench/results/, logs to ${OUT:-bench/results}.
+# ResNet blocks; frontier: the language model at equal wall-clock budgets, and its step profile. CSV rows go to bench/results/, logs to ${OUT:-bench/results}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests kernels encoder slice memory wrn}
+parts=${*:-tests kernels encoder slice memory wrn frontier}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$out/gpu.txt"
 for part in $parts; do
@@ -47,6 +47,9 @@ for part in $parts; do
       (cd bench && python3 bench_wrn_block.py --p 0.3 0.5) 2>&1 | tee "$out/bench_wrn_block_default.log"
       (cd bench && python3 bench_wrn_block.py --p 0.3 0.5 --cudagraphs --variants inductor "slicecompile block" \
         "slicecompile slice") 2>&1 | tee "$out/bench_wrn_block_cudagraphs.log" ;;
+    frontier)
+      python3 bench/bench_frontier.py --budget 15 --p 0.1 0.3 0.5 2>&1 | tee "$out/bench_frontier.log"
+      python3 bench/bench_lm_step.py 2>&1 | tee "$out/bench_lm_step.log" ;;
   esac
 done
 cp bench/results/*.csv "$out/" 2>/dev/null || true

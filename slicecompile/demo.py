@@ -70,6 +70,7 @@ def evaluate(model, batches):
 
 def train(run, config, args, data, device):
     """Train one configuration for args.steps steps or args.budget training seconds."""
+    torch._dynamo.reset()  # each configuration compiles afresh (p is a guard: eight would hit the recompile limit)
     torch.manual_seed(args.seed)
     model = LanguageModel(replace(config, p=run.p)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)

@@ -46,7 +46,7 @@ def load(files=FILES):
 def batch(data, batch_size, context, generator, device):
     """(inputs, targets), each (batch_size, context) int64: random windows of data and the same
     windows shifted by one byte."""
-    starts = torch.randint(len(data) - context - 1, (batch_size,), generator=generator)
+    starts = torch.randint(len(data) - context - 1, (batch_size,), generator=generator, device="cpu")
     windows = torch.stack([data[s : s + context + 1] for s in starts.tolist()]).long()
     windows = windows.to(device, non_blocking=True)
     return windows[:, :-1], windows[:, 1:]
