@@ -74,7 +74,9 @@ def train(run, config, args, data, device):
     torch.manual_seed(args.seed)
     model = LanguageModel(replace(config, p=run.p)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    options = {"policy": run.policy, "min_gemm_size": 0} if run.backend == "slicecompile" else None
+    options = None
+    if run.backend == "slicecompile":  # at p = 0 there is nothing to rewrite and no policy
+        options = {"min_gemm_size": 0} | ({"policy": run.policy} if run.policy != "-" else {})
     step_model = model if run.backend == "eager" else torch.compile(model, backend=run.backend, options=options)
     rng = torch.Generator().manual_seed(args.seed)
     val_rng = torch.Generator().manual_seed(12345)

@@ -34,6 +34,19 @@ def test_model_dropouts_are_rewritten():
     ] * 2
 
 
+def test_configurations_asked():
+    args = demo.parser().parse_args(
+        ["--backend", "eager", "slicecompile", "--policy", "block", "slice", "--p", "0", "0.2"]
+    )
+    assert [run.name for run in demo.runs_asked(args)] == [
+        "eager p=0",
+        "eager p=0.2",
+        "slicecompile p=0",
+        "slicecompile block p=0.2",
+        "slicecompile slice p=0.2",
+    ]
+
+
 def test_demo_runs_and_writes_its_results(tmp_path, capsys):
     argv = ["--device", DEVICE, "--backend", "eager", "slicecompile", "--steps", "4", "--eval-every", "2"]
     argv += ["--layers", "1", "--width", "32", "--heads", "2", "--context", "16", "--batch", "4"]
