@@ -23,7 +23,7 @@ from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from .checks import check_block
 from .dropout_linear_op import DEFAULT_BLOCK
-from .fx_pass import find_sites, is_dropout
+from .fx_pass import find_sites, graph_modules, is_dropout
 from .rewrite import rewrite
 
 log = logging.getLogger("slicecompile")
@@ -99,8 +99,9 @@ def _inductor(gm, example_inputs, mode, inductor_options):
 
 
 def _copy(gm):
-    """A GraphModule with its own graph and class (recompile sets forward on the class),
-    sharing parameters and Dynamo's attributes (meta, shape_env, ...) with gm."""
+    """A GraphModule with its own graph and class (recompile sets forward on the class), and
+    copies of its subgraphs (a checkpointed body may be rewritten), sharing parameters and
+    Dynamo's attributes (meta, shape_env, ...) with gm."""
     graph = copy.deepcopy(gm.graph)  # copies nodes and their meta dicts, not the fake tensors in them
     for old, node in zip(gm.graph.nodes, graph.nodes, strict=True):
         for key, value in old.__dict__.items():  # e.g. placeholders' _dynamo_source, read by AOTAutograd
@@ -109,6 +110,9 @@ def _copy(gm):
     for key, value in gm.__dict__.items():
         new.__dict__.setdefault(key, value)
     new.meta = dict(getattr(gm, "meta", {}))
+    for node in graph.find_nodes(op="get_attr"):
+        if isinstance(getattr(gm, node.target, None), torch.fx.GraphModule):
+            setattr(new, node.target, _copy(getattr(gm, node.target)))
     return new
 
 
@@ -117,7 +121,8 @@ def restart_with_constant_p(gm):
     read back with .item(), so p reaches the pass as a node. AOTAutograd would later ask
     Dynamo to retrace with those floats constant, after a wasted compile; ask now, the same way."""
     names = set()
-    for node in filter(is_dropout, gm.graph.nodes):
+    dropouts = (node for sub, _ in graph_modules(gm) for node in filter(is_dropout, sub.graph.nodes))
+    for node in dropouts:
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
         value = p.meta.get("example_value") if isinstance(p, torch.fx.Node) else None
         if isinstance(value, torch.SymFloat):  # _expr: the symbol itself, before Dynamo's replacement by the value

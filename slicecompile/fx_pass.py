@@ -353,19 +353,39 @@ def decide(dropout, options):
     return site
 
 
-def find_sites(gm, options):
-    """Every dropout in gm, each with the pass's decision (no mutation). Dropouts inside
-    higher-order-op subgraphs (activation checkpointing, control flow) are listed as skipped."""
-    sites = [decide(node, options) for node in gm.graph.nodes if is_dropout(node)]
-    for name, sub in gm.named_modules():
-        if sub is gm or not isinstance(sub, torch.fx.GraphModule):
+CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
+
+
+def graph_modules(gm, reason=None, seen=None):
+    """gm and the subgraphs of its higher-order ops, recursively, each with the reason its
+    dropouts are left alone (None where they may be rewritten). Activation checkpointing's
+    bodies may: the recomputation reuses the forward's mask (see rewrite.py)."""
+    seen = set() if seen is None else seen
+    if id(gm) in seen:
+        return
+    seen.add(id(gm))
+    yield gm, reason
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
             continue
-        for node in sub.graph.nodes:
-            if is_dropout(node):
-                site = decide(node, options)
-                site.rewritten, site.matches = False, []
-                site.reason = f"inside the subgraph {name} of a higher-order op (e.g. checkpointing): not supported yet"
-                sites.append(site)
+        for arg in node.args:
+            sub = getattr(gm, arg.target, None) if isinstance(arg, Node) and arg.op == "get_attr" else None
+            if isinstance(sub, torch.fx.GraphModule):
+                inner = None if node.target is CHECKPOINT else f"inside the subgraph {arg.target} of {node.target.name()}"
+                yield from graph_modules(sub, reason or inner, seen)
+
+
+def find_sites(gm, options):
+    """Every dropout in gm and in its higher-order ops' subgraphs, each with the pass's decision
+    (no mutation). Those inside activation checkpointing are decided like any other; those inside
+    other higher-order ops (control flow, ...) are listed as skipped."""
+    sites = []
+    for sub, reason in graph_modules(gm):
+        for node in filter(is_dropout, sub.graph.nodes):
+            site = decide(node, options)
+            if reason:
+                site.rewritten, site.matches, site.reason = False, [], f"{reason}: not supported"
+            sites.append(site)
     return sites
 
 

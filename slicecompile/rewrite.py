@@ -53,7 +53,7 @@ def linear_under_mask(x, weight, bias, kept, count, p, block, dtype):
 
 def draw_site_window(x, p):
     """One slice window over x's last dimension, shared by every matmul of the site."""
-    return torch.ops.slicecompile.draw_slice_window(x.shape[-1], float(p))
+    return torch.ops.slicecompile.draw_slice_window(x.shape[-1], float(p), device=torch.device("cpu"))
 
 
 def linear_under_window(x, weight, bias, window, p, dtype):
@@ -141,8 +141,10 @@ def rewrite(gm, sites, block, samples_per_group=8):
     """Apply every site marked rewritten; returns how many were applied. block: the tile of the
     matmul sites; samples_per_group: the sample groups of a block-policy conv2d site."""
     applied = [site for site in sites if site.rewritten]
+    graphs = {id(site.node.graph): site.node.graph for site in applied}  # gm's, or a checkpointed body's
     for site in applied:
-        rewrite_site(gm.graph, site, block, samples_per_group)
-    gm.graph.lint()
-    gm.recompile()
+        rewrite_site(site.node.graph, site, block, samples_per_group)
+    for graph in graphs.values():
+        graph.lint()
+        graph.owning_module.recompile()
     return len(applied)

@@ -80,7 +80,10 @@ def _pieces(start, width, in_features):
     return pieces + ([(0, width - head, head)] if width > head else [])
 
 
-def _draw_impl(in_features: int, p: float) -> Tensor:
+def _draw_impl(in_features: int, p: float, *, device: torch.device) -> Tensor:
+    """device: always the CPU, the generator drawn from. It is an argument so that
+    activation checkpointing under torch.compile, which replays a random op's generator state
+    to recompute it, finds the generator's device (rng_prims reads a `device` keyword)."""
     unit = slice_unit(in_features)
     units = in_features // unit
     kept = (1.0 - p) * units
@@ -94,7 +97,7 @@ _draw = torch.library.custom_op("slicecompile::draw_slice_window", _draw_impl, m
 
 
 @_draw.register_fake
-def _(in_features, p):
+def _(in_features, p, *, device):
     return torch.empty(2, dtype=torch.int64, device="cpu")
 
 
@@ -104,7 +107,7 @@ def draw_slice_window(in_features, p):
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
     check_p(p)
     draw = _draw if torch.compiler.is_compiling() else _draw_impl  # the op's dispatch costs the host
-    return SliceWindow(draw(in_features, float(p)), in_features, float(p))
+    return SliceWindow(draw(in_features, float(p), device=torch.device("cpu")), in_features, float(p))
 
 
 def _refuse_capture(t):

@@ -19,7 +19,7 @@ from models_by_others import TorchEncoderLayer, example_input
 from torch._dynamo.utils import counters
 
 import slicecompile.backend as backend
-from slicecompile import SliceWindow, draw_block_mask, draw_slice_window, dropout_linear_reference
+from slicecompile import SliceWindow, draw_block_mask, draw_slice_window, dropout_linear, dropout_linear_reference
 from slicecompile.backend import parse_options, slicecompile_backend
 from slicecompile.dropout_bmm import draw_batched_block_mask, dropout_bmm_reference
 from slicecompile.dropout_conv import draw_channel_mask
@@ -217,6 +217,65 @@ def test_train_eval_toggle_and_inference_mode():
     assert stats()["graphs"] == 2  # train and eval, each compiled once
     with torch.inference_mode():
         _check_step(compiled, model, x, seed=3, backward=False)
+
+
+class CheckpointedMLP(nn.Module):
+    def __init__(self, checkpointed):
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.fc1, self.drop, self.fc2 = nn.Linear(32, 64), nn.Dropout(P), nn.Linear(64, 24)
+
+    def layer(self, x):
+        return self.fc2(self.drop(self.fc1(x).relu()))
+
+    def forward(self, x):
+        if self.checkpointed:
+            return torch.utils.checkpoint.checkpoint(self.layer, x, use_reentrant=False)
+        return self.layer(x)
+
+
+def _step_between_reseeds(model, x):
+    """Gradients of one step whose generators are reseeded between forward and backward: a
+    recomputation that drew its mask afresh would draw another one."""
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(2)
+    out.square().sum().backward()
+    return [t.grad.clone() for t in (x, *model.parameters())]
+
+
+@pytest.mark.parametrize("policy", ["block", "slice"])
+def test_checkpointed_site_is_rewritten_and_recomputed_under_the_forward_mask(policy):
+    grads = []
+    for checkpointed in (False, True):
+        torch._dynamo.reset()
+        counters["slicecompile"].clear()
+        torch.manual_seed(0)
+        model, x = CheckpointedMLP(checkpointed), torch.randn(40, 32, requires_grad=True)
+        options = {**OPTIONS, "policy": policy}
+        compiled = torch.compile(model, backend=slicecompile_backend, options=options, fullgraph=True)
+        grads.append(_step_between_reseeds(compiled, x))
+        assert stats() == {"graphs": 1, "sites": 1, "rewritten": 1, "rewritten_dropout_linear": 1}
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_a_redrawn_mask_would_change_the_gradients():
+    """The control for the test above: eager checkpointing told not to restore the generators
+    recomputes under a new mask, and the gradients differ."""
+    torch.manual_seed(0)
+    fc = nn.Linear(64, 24)
+    x = torch.randn(40, 64, requires_grad=True)
+    step = lambda t: dropout_linear(t, fc.weight, fc.bias, p=P, block=BLOCK)  # noqa: E731
+    grads = []
+    for preserve in (True, False):
+        x.grad = fc.weight.grad = None
+        torch.manual_seed(1)
+        out = torch.utils.checkpoint.checkpoint(step, x, use_reentrant=False, preserve_rng_state=preserve)
+        torch.manual_seed(2)
+        out.square().sum().backward()
+        grads.append(fc.weight.grad.clone())
+    assert not torch.allclose(*grads)
 
 
 def test_autocast_computes_in_the_autocast_dtype():

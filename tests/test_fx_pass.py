@@ -14,7 +14,7 @@ from slicecompile import draw_block_mask
 from slicecompile.backend import Options
 from slicecompile.dropout_bmm import batched_elements, draw_batched_block_mask
 from slicecompile.dropout_conv import draw_channel_mask
-from slicecompile.fx_pass import find_sites, is_dropout
+from slicecompile.fx_pass import find_sites, graph_modules, is_dropout
 from slicecompile.rewrite import rewrite
 
 from tolerance import assert_close
@@ -203,6 +203,13 @@ def channel_masked(seed):
     return masked
 
 
+class Checkpointed(Linear3d):
+    """The site inside torch.utils.checkpoint's region, which Dynamo makes a subgraph."""
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(lambda t: self.fc(self.drop(t)), x, use_reentrant=False)
+
+
 class ConvAfterDropout(nn.Module):
     """Ragged on both axes of the mask: 10 samples (groups of 8), 20 channels (blocks of 16)."""
 
@@ -220,7 +227,7 @@ class ConvAfterDropout(nn.Module):
 
 
 POSITIVE = [Linear3d, MatmulOperator, MmMethod, Addmm, ReshapeBetween, TransposeBetween, SharedByTwoLinears]
-POSITIVE += [AttentionBmm, AttentionHeads4d, ConvAfterDropout]
+POSITIVE += [AttentionBmm, AttentionHeads4d, ConvAfterDropout, Checkpointed]
 
 
 @pytest.mark.parametrize("case", POSITIVE, ids=lambda case: case.__name__)
@@ -232,8 +239,9 @@ def test_rewrites_and_matches_reference(case):
     assert [(site.pattern, site.rewritten, site.reason) for site in sites] == [(case.pattern, True, "rewritten")]
 
     assert rewrite(gm, sites, BLOCK) == 1
-    gm.graph.lint()
-    assert not any(is_dropout(node) for node in gm.graph.nodes)
+    for sub, _ in graph_modules(gm):
+        sub.graph.lint()
+        assert not any(is_dropout(node) for node in sub.graph.nodes)
     torch.manual_seed(1)
     actual = gm(*inputs)
 
@@ -383,16 +391,16 @@ def test_models_written_by_others(name):
         assert out.shape == ref.shape and torch.isfinite(out).all()
 
 
-class Checkpointed(Linear3d):
+class DropoutInCond(Linear3d):
     def forward(self, x):
-        return torch.utils.checkpoint.checkpoint(lambda t: self.fc(self.drop(t)), x, use_reentrant=False)
+        return torch.cond(x.sum() > 0, lambda t: self.fc(self.drop(t)), lambda t: self.fc(t), (x,))
 
 
-def test_dropout_inside_checkpoint_is_listed_and_left_alone():
-    gm, _ = dynamo_graph(Checkpointed(), torch.randn(Linear3d.shape, requires_grad=True))
+def test_dropout_inside_control_flow_is_listed_and_left_alone():
+    gm, _ = dynamo_graph(DropoutInCond(), torch.randn(Linear3d.shape))
     before = {name: sub.code for name, sub in gm.named_modules() if isinstance(sub, torch.fx.GraphModule)}
     (site,) = find_sites(gm, ALWAYS)
     assert (site.module, site.consumer, site.rewritten) == ("drop", "linear", False)
-    assert site.reason.startswith("inside the subgraph wrap_body_0 of a higher-order op")
+    assert site.reason == "inside the subgraph cond_true_0 of cond: not supported"
     assert rewrite(gm, [site], BLOCK) == 0
     assert before == {name: sub.code for name, sub in gm.named_modules() if isinstance(sub, torch.fx.GraphModule)}
