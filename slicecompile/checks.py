@@ -1,5 +1,6 @@
 """Argument validation for the public ops: a clear TypeError/ValueError naming what is wrong,
-before anything reaches a kernel."""
+before anything reaches a kernel. Operands are checked as the op computes them: under
+torch.autocast, cast to autocast's dtype first, as F.linear and F.conv2d cast theirs."""
 
 import torch
 
@@ -31,28 +32,44 @@ def check_block(block):
 
 
 def _check_tensor(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
 
 
+def autocast(tensors):
+    """tensors (None allowed) as an autocast-eligible op sees them: with torch.autocast on for
+    their device, floating tensors other than float64 (which autocast leaves alone) in its dtype."""
+    device = next(t.device.type for t in tensors if isinstance(t, torch.Tensor))
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    eligible = lambda t: isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64  # noqa: E731
+    return tuple(t.to(dtype) if eligible(t) else t for t in tensors)
+
+
 def check_operands(x, weight, bias):
-    """x, weight and bias (or None): non-empty tensors of one supported dtype on one device."""
+    """x, weight and bias (or None), after autocast: non-empty tensors of one supported dtype on
+    one device. Returns them as the op computes them."""
     tensors = {"x": x, "weight": weight} | ({} if bias is None else {"bias": bias})
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    tensors = dict(zip(tensors, autocast(tuple(tensors.values()))))
     for name, t in tensors.items():
         _check_tensor(name, t)
     if len({t.dtype for t in tensors.values()}) > 1:
         raise TypeError("x, weight and bias must share one dtype, got " + _describe(tensors, "dtype"))
     if len({t.device for t in tensors.values()}) > 1:
         raise ValueError("x, weight and bias must be on one device, got " + _describe(tensors, "device"))
+    return tensors["x"], tensors["weight"], tensors.get("bias")
 
 
 def check_linear_operands(x, weight, bias):
-    """F.linear's layout: x (..., in_features), weight (out_features, in_features), bias (out_features,)."""
-    check_operands(x, weight, bias)
+    """F.linear's layout: x (..., in_features), weight (out_features, in_features), bias
+    (out_features,). Returns the operands as the op computes them (check_operands)."""
+    x, weight, bias = check_operands(x, weight, bias)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1:
@@ -64,6 +81,7 @@ def check_linear_operands(x, weight, bias):
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return x, weight, bias
 
 
 def check_mask_fits(mask, shape, device):

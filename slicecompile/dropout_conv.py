@@ -117,7 +117,7 @@ def _draw_slice(batch, channels, p, device):
 
 def dropout_conv2d_with_mask(x, weight, bias, mask, stride=1, padding=0, dilation=1):
     """F.conv2d(x ⊙ mask, weight, bias, stride, padding, dilation) on the kept channels only."""
-    _check_conv_operands(x, weight, bias)
+    x, weight, bias = _check_conv_operands(x, weight, bias)
     _check_mask_fits(mask, x)
     conv = {"stride": stride, "padding": padding, "dilation": dilation}
     if mask.groups == 1:  # one set of channels for the whole batch: a plain dense convolution
@@ -168,7 +168,7 @@ def dropout_conv2d(
 ):
     """F.conv2d(channel_dropout(x), weight, bias, ...) with groups = 1; training=False or p = 0
     is exactly F.conv2d. padding may be anything F.conv2d accepts ("same" included)."""
-    _check_conv_operands(x, weight, bias)
+    x, weight, bias = _check_conv_operands(x, weight, bias)
     check_p(p)
     _check_settings(policy, block_channels, samples_per_group)
     if not training or p == 0:
@@ -193,8 +193,9 @@ def _check_settings(policy, block_channels, samples_per_group):
 
 
 def _check_conv_operands(x, weight, bias):
-    """F.conv2d's layout with groups = 1: x (N, C, H, W), weight (out, C, kh, kw), bias (out,)."""
-    check_operands(x, weight, bias)
+    """F.conv2d's layout with groups = 1: x (N, C, H, W), weight (out, C, kh, kw), bias (out,).
+    Returns the operands as the op computes them (check_operands)."""
+    x, weight, bias = check_operands(x, weight, bias)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
@@ -206,6 +207,7 @@ def _check_conv_operands(x, weight, bias):
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return x, weight, bias
 
 
 def _check_mask_fits(mask, x):

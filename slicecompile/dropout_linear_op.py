@@ -158,7 +158,7 @@ def dropout_linear(x, weight, bias=None, p=0.5, block=DEFAULT_BLOCK, training=Tr
         raise ValueError(f"unknown policy {policy!r}; known policies: {', '.join(POLICIES)}")
     if policy == "slice":
         return slice_dropout_linear(x, weight, bias, p=p, training=training)
-    check_linear_operands(x, weight, bias)
+    x, weight, bias = check_linear_operands(x, weight, bias)
     check_p(p)
     block = check_block(block)
     if not training or p == 0:
@@ -170,7 +170,7 @@ def dropout_linear(x, weight, bias=None, p=0.5, block=DEFAULT_BLOCK, training=Tr
 
 def dropout_linear_with_mask(x, weight, bias, mask: BlockMask):
     """dropout_linear under an explicit mask (from draw_block_mask over x flattened to 2-D)."""
-    check_linear_operands(x, weight, bias)
+    x, weight, bias = check_linear_operands(x, weight, bias)
     check_mask_fits(mask, (x.numel() // x.shape[-1], x.shape[-1]), x.device)
     return _under_mask(x, weight, bias, mask)
 

@@ -371,8 +371,8 @@ def graph_modules(gm, reason=None, seen=None):
         for arg in node.args:
             sub = getattr(gm, arg.target, None) if isinstance(arg, Node) and arg.op == "get_attr" else None
             if isinstance(sub, torch.fx.GraphModule):
-                inner = None if node.target is CHECKPOINT else f"inside the subgraph {arg.target} of {node.target.name()}"
-                yield from graph_modules(sub, reason or inner, seen)
+                inner = f"inside the subgraph {arg.target} of {node.target.name()}"
+                yield from graph_modules(sub, reason or (None if node.target is CHECKPOINT else inner), seen)
 
 
 def find_sites(gm, options):

@@ -241,7 +241,7 @@ class _EagerSliceLinear(torch.autograd.Function):
 
 def slice_dropout_linear_with_window(x, weight, bias, window: SliceWindow):
     """F.linear(x ⊙ mask, weight, bias) computed on the kept window only."""
-    check_linear_operands(x, weight, bias)
+    x, weight, bias = check_linear_operands(x, weight, bias)
     if window.in_features != x.shape[-1]:
         raise ValueError(f"the window covers {window.in_features} features, x has {x.shape[-1]}")
     if not is_fake(window.window):  # a traced window has no values to check
@@ -265,7 +265,7 @@ def _under_window(x, weight, bias, window):
 
 def slice_dropout_linear(x, weight, bias=None, p=0.5, training=True):
     """F.linear(slice_dropout(x), weight, bias); training=False or p = 0 is exactly F.linear."""
-    check_linear_operands(x, weight, bias)
+    x, weight, bias = check_linear_operands(x, weight, bias)
     check_p(p)
     if not training or p == 0:
         return F.linear(x, weight, bias)
