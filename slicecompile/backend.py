@@ -10,17 +10,22 @@ Registered by the `torch_dynamo_backends` entry point (pyproject.toml), never wi
 """
 
 import copy
+import functools
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch._inductor.config  # noqa: F401  (parse_options reads its keys)
 from torch._dynamo.exc import RestartAnalysis, SkipFrame, TensorifyScalarRestartAnalysis
 from torch._dynamo.symbolic_convert import TensorifyState
 from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils._sympy.symbol import SymT, symbol_is_type
 
+from . import kernels
 from .checks import check_block
 from .dropout_linear_op import DEFAULT_BLOCK
 from .fx_pass import find_sites, graph_modules, is_dropout
@@ -92,9 +97,47 @@ def disabled_by_env():
     return os.environ.get("SLICECOMPILE_DISABLE", "0") not in ("", "0")
 
 
+def sources_digest(folders):
+    """A digest of the .py files under folders (names and contents)."""
+    digest = hashlib.sha256()
+    for folder in map(Path, folders):
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(f"{path.relative_to(folder)}\0".encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def sources_key():
+    """The key that ties compiled artifacts to this copy of slicecompile: Inductor's caches key a
+    graph on the ops it calls, not on our ops' Python bodies or kernels, so an edit to either
+    must change the key itself."""
+    return sources_digest([Path(__file__).parent, Path(kernels.__file__).parent])
+
+
+class SourcesKey(CustomGraphPass):
+    """An Inductor post-grad pass that changes no graph, only cache keys: its uuid carries
+    sources_key() (and the uuid of the pass it wraps, one the user set)."""
+
+    def __init__(self, wrapped=None):
+        self.wrapped = wrapped
+
+    def __call__(self, graph):
+        if self.wrapped is not None:
+            self.wrapped(graph)
+
+    def uuid(self):
+        return sources_key(), None if self.wrapped is None else self.wrapped.uuid()
+
+
 def _inductor(gm, example_inputs, mode, inductor_options):
     """compile_fx as backend="inductor" calls it: torch's own wrapper turns mode= and
-    options= into Inductor config patches."""
+    options= into Inductor config patches, which hold for the forward and the (lazily
+    compiled) backward alike. One of them is SourcesKey, so the on-disk caches never hand back
+    code built from other sources. A user's post-grad pass without a uuid (which turns
+    Inductor's caching off anyway) is left as it is."""
+    user_pass = inductor_options.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass)
+    if user_pass is None or isinstance(user_pass, CustomGraphPass):
+        inductor_options = {**inductor_options, "post_grad_custom_post_pass": SourcesKey(user_pass)}
     return torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)(gm, example_inputs)
 
 

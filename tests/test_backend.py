@@ -392,6 +392,8 @@ def test_mode_and_inductor_options_pass_through(monkeypatch):
 
     class Wrapper:
         def __init__(self, mode, options, dynamic):
+            options = dict(options)
+            assert isinstance(options.pop("post_grad_custom_post_pass"), backend.SourcesKey)
             seen.append((mode, options))
 
         def __call__(self, gm, example_inputs):
