@@ -25,7 +25,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils._sympy.symbol import SymT, symbol_is_type
 
-from . import kernels
+from . import ddp, kernels
 from .checks import check_block
 from .dropout_linear_op import DEFAULT_BLOCK
 from .fx_pass import find_sites, graph_modules, is_dropout
@@ -201,10 +201,16 @@ def slicecompile_backend(gm, example_inputs, *, mode=None, options=None):
     rewritten_<pattern>, skipped, fallback, disabled (torch._dynamo.reset() keeps them:
     clear with counters["slicecompile"].clear())."""
     settings, inductor_options = parse_options(options)
+    return compile_rewritten(gm, settings, lambda graph: _inductor(graph, example_inputs, mode, inductor_options))
+
+
+def compile_rewritten(gm, settings, compile_graph):
+    """compile_graph(a rewritten copy of gm); compile_graph(gm) itself when nothing is
+    rewritten, or when the rewrite or that compile fails (with a warning)."""
     stats = counters["slicecompile"]
     if disabled_by_env() or not settings.enabled:
         stats["disabled"] += 1
-        return _inductor(gm, example_inputs, mode, inductor_options)
+        return compile_graph(gm)
     restart_with_constant_p(gm)
     stats["graphs"] += 1
     try:
@@ -216,19 +222,22 @@ def slicecompile_backend(gm, example_inputs, *, mode=None, options=None):
     except Exception:
         log.warning("slicecompile: the rewrite failed; compiling the original graph", exc_info=True)
         stats["fallback"] += 1
-        return _inductor(gm, example_inputs, mode, inductor_options)
+        return compile_graph(gm)
     _log_sites(sites)
     if not applied:
         _count(sites)
-        return _inductor(gm, example_inputs, mode, inductor_options)
+        return compile_graph(gm)
     try:
-        compiled = _inductor(rewritten, example_inputs, mode, inductor_options)
+        compiled = compile_graph(rewritten)
     except DYNAMO_CONTROL_FLOW:
         raise
     except Exception:
         log.warning("slicecompile: compiling the rewritten graph failed; compiling the original", exc_info=True)
         stats["fallback"] += 1
         _count([replace(site, rewritten=False, reason="compile failed") for site in sites])
-        return _inductor(gm, example_inputs, mode, inductor_options)
+        return compile_graph(gm)
     _count(sites)
     return compiled
+
+
+ddp.keep_sites_whole(slicecompile_backend, parse_options, compile_rewritten)

@@ -1,0 +1,31 @@
+"""DistributedDataParallel's graph splitting must not cut a dropout from its matmul.
+
+Under DDP, Dynamo hands each graph to DDPOptimizer, which splits it at gradient-bucket
+boundaries and compiles every piece with the backend on its own; a dropout and the linear layer
+it feeds can land in different pieces, where neither shows the site. For backend="slicecompile"
+the whole graph is therefore rewritten before the split: the rewritten matmuls still take their
+weights as inputs, so the buckets come out the same, and the pieces compile as usual (they hold
+no dropout → matmul sites any more). Dynamo builds its DDPOptimizer from the class in
+torch._dynamo.backends.distributed at each compile, so that class is replaced by a subclass
+that does this for our backend and nothing for any other.
+"""
+
+import torch._dynamo.backends.distributed as distributed
+
+
+def keep_sites_whole(backend, parse_options, compile_rewritten):
+    """Install the subclass; backend is slicecompile_backend, the other two its helpers."""
+
+    class SiteKeepingDDPOptimizer(_ORIGINAL):
+        def compile_fn(self, gm, example_inputs, **compiler_configs):
+            wrapper = self.backend_compile_fn  # torch.compile's wrapper: the backend and its kwargs
+            split = super().compile_fn
+            if getattr(wrapper, "compiler_fn", wrapper) is not backend:
+                return split(gm, example_inputs, **compiler_configs)
+            settings, _ = parse_options(getattr(wrapper, "kwargs", {}).get("options"))
+            return compile_rewritten(gm, settings, lambda graph: split(graph, example_inputs, **compiler_configs))
+
+    distributed.DDPOptimizer = SiteKeepingDDPOptimizer
+
+
+_ORIGINAL = distributed.DDPOptimizer
