@@ -3,7 +3,7 @@
 Detection only, no mutation: `find_sites` returns one `Site` per dropout node, rewritten or
 skipped with a reason, so `explain()` and the backend share one set of decisions. A site is
 a dropout (training, constant 0 < p < 1) whose users all reach the *input* operand of a
-matmul against a 2-D weight, possibly through views. The matmul kinds are the named rows of
+matmul against a 2-D weight, possibly through views and scalings by a number. The matmul kinds are the named rows of
 PATTERNS; rewrite.py turns a matched site into the block-dropout op. A conv2d takes the dropout
 directly (no view between), as channel-structured dropout (dropout_conv).
 """
@@ -38,6 +38,11 @@ VIEW_FUNCTIONS = {
     torch.squeeze,
     torch.unsqueeze,
 }
+
+
+# Scalings by a Python number, followed like views (_is_scaling).
+SCALE_FUNCTIONS = {operator.mul, torch.mul, operator.truediv, torch.div}
+SCALE_METHODS = {"mul", "div"}
 
 
 @dataclass
@@ -173,7 +178,7 @@ def _match_conv2d(node, operand):
     if _arg(node, 6, "groups", 1) != 1:
         return "grouped convolution (groups != 1)"
     if not is_dropout(operand):
-        return "conv2d input reached through a view of the dropout"
+        return "conv2d input reached through a view or scaling of the dropout"
     if any(isinstance(arg, Node) for arg in conv):
         return "conv2d stride, padding or dilation is not a constant"
     if len(_shape(operand)) != 4 or len(_shape(weight)) != 4 or len(_shape(node)) != 4:
@@ -214,6 +219,20 @@ def _is_view(node):
     )
 
 
+def _is_scaling(node, value):
+    """value * c, c * value or value / c for a Python number c (T5 scales its decoder's output
+    by d_model**-0.5 before lm_head): a scale commutes with any mask."""
+    scales = (node.op == "call_function" and node.target in SCALE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in SCALE_METHODS
+    )
+    if not scales or len(node.args) != 2 or node.kwargs:
+        return False
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    left, right = node.args
+    divides = node.target in (operator.truediv, torch.div, "div")
+    return (left is value and number(right)) or (not divides and right is value and number(left))
+
+
 def _describe(node):
     target = node.target
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
@@ -230,7 +249,7 @@ def _consumers(dropout):
     while frontier:
         value = frontier.pop()
         for user in value.users:
-            if _is_view(user) and user.args and user.args[0] is value:
+            if (_is_view(user) and user.args and user.args[0] is value) or _is_scaling(user, value):
                 frontier.append(user)
                 continue
             pattern, name = _pattern_of(user), _describe(user)

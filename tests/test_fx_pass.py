@@ -137,6 +137,16 @@ class ReshapeBetween(nn.Module):
         return self.fc(masked(x.reshape(2, 24, 32)))
 
 
+class ScaledBetween(Linear3d):
+    """A scale by a number commutes with the mask (T5 scales its decoder's output before lm_head)."""
+
+    def forward(self, x):
+        return self.fc(2.0 * self.drop(x) / 4)
+
+    def reference(self, x, masked):
+        return self.fc(2.0 * masked(x) / 4)
+
+
 class TransposeBetween(nn.Module):
     pattern, shape = "dropout_matmul", (2, 32, 24)
 
@@ -226,7 +236,8 @@ class ConvAfterDropout(nn.Module):
         return self.conv(masked(x))
 
 
-POSITIVE = [Linear3d, MatmulOperator, MmMethod, Addmm, ReshapeBetween, TransposeBetween, SharedByTwoLinears]
+POSITIVE = [Linear3d, MatmulOperator, MmMethod, Addmm, ReshapeBetween, ScaledBetween, TransposeBetween]
+POSITIVE += [SharedByTwoLinears]
 POSITIVE += [AttentionBmm, AttentionHeads4d, ConvAfterDropout, Checkpointed]
 
 
@@ -264,6 +275,16 @@ class ExtraUser(Linear3d):
 class DropoutAdd(Linear3d):
     def forward(self, x):
         return x + self.drop(x)
+
+
+class ScaledByTensor(Linear3d):
+    def forward(self, x):
+        return self.fc(self.drop(x) * x)
+
+
+class DividedByDropout(Linear3d):
+    def forward(self, x):
+        return self.fc(1.0 / self.drop(x))
 
 
 class DropoutOnWeight(Linear3d):
@@ -306,6 +327,8 @@ def _double(case):
 NEGATIVE = {
     "extra_user": (ExtraUser, ALWAYS, "used by sum (not a matmul input)"),
     "dropout_add": (DropoutAdd, ALWAYS, "used by add (not a matmul input)"),
+    "scaled_by_tensor": (ScaledByTensor, ALWAYS, "used by mul (not a matmul input)"),
+    "divided_by_dropout": (DividedByDropout, ALWAYS, "used by truediv (not a matmul input)"),
     "eval": (_eval(Linear3d), ALWAYS, "eval mode (training=False)"),
     "p0": (lambda: Linear3d().apply(lambda m: setattr(m, "p", 0.0)), ALWAYS, "p = 0 (dropout is the identity)"),
     "float64": (_double(Linear3d), ALWAYS, "unsupported dtype torch.float64"),
@@ -355,7 +378,7 @@ class ConvAndLinear(ConvAfterDropout):
 
 CONV_NEGATIVE = {
     "grouped": (GroupedConv, "grouped convolution (groups != 1)"),
-    "through_view": (ConvThroughView, "conv2d input reached through a view of the dropout"),
+    "through_view": (ConvThroughView, "conv2d input reached through a view or scaling of the dropout"),
     "reflect_padding": (ReflectPaddedConv, "used by pad (not a matmul input)"),
     "conv_and_linear": (ConvAndLinear, "feeds a convolution and other layers"),
 }
