@@ -4,13 +4,15 @@
 # kernel-variant sweep, the dropout_linear benchmarks (bf16, fp16, fp32) and the block sweep
 # behind DEFAULT_BLOCK; encoder: the 4-layer encoder training step; slice: the slice policy and
 # the compact saved input against cuBLAS; memory: the encoder step's peak memory; wrn: Wide
-# ResNet blocks; frontier: the language model at equal wall-clock budgets, and its step profile. CSV rows go to bench/results/, logs to ${OUT:-bench/results}.
+# ResNet blocks; frontier: the language model at equal wall-clock budgets, and its step profile;
+# distributed: the encoder step under DDP on every GPU of the machine. CSV rows go to
+# bench/results/, logs to ${OUT:-bench/results}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests kernels encoder slice memory wrn frontier}
+parts=${*:-tests kernels encoder slice memory wrn frontier distributed}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$out/gpu.txt"
 for part in $parts; do
@@ -47,6 +49,9 @@ for part in $parts; do
       (cd bench && python3 bench_wrn_block.py --p 0.3 0.5) 2>&1 | tee "$out/bench_wrn_block_default.log"
       (cd bench && python3 bench_wrn_block.py --p 0.3 0.5 --cudagraphs --variants inductor "slicecompile block" \
         "slicecompile slice") 2>&1 | tee "$out/bench_wrn_block_cudagraphs.log" ;;
+    distributed)
+      (cd bench && python3 -m torch.distributed.run --nproc-per-node "$(nvidia-smi -L | wc -l)" bench_distributed.py \
+        --steps 60 --warmup 15) 2>&1 | tee "$out/bench_distributed.log" ;;
     frontier)
       python3 bench/bench_frontier.py --budget 15 --p 0.1 0.3 0.5 2>&1 | tee "$out/bench_frontier.log"
       python3 bench/bench_lm_step.py 2>&1 | tee "$out/bench_lm_step.log" ;;

@@ -10,7 +10,27 @@ torch._dynamo.backends.distributed at each compile, so that class is replaced by
 that does this for our backend and nothing for any other.
 """
 
+import contextlib
+import contextvars
+
 import torch._dynamo.backends.distributed as distributed
+
+_PIECES = contextvars.ContextVar("slicecompile_ddp_pieces", default=False)
+
+
+def compiling_pieces():
+    """True while DDPOptimizer compiles the pieces of a graph already rewritten whole: the
+    backend then compiles each piece as it is, and counts it as a piece, not as a graph."""
+    return _PIECES.get()
+
+
+@contextlib.contextmanager
+def _pieces():
+    token = _PIECES.set(True)
+    try:
+        yield
+    finally:
+        _PIECES.reset(token)
 
 
 def keep_sites_whole(backend, parse_options, compile_rewritten):
@@ -23,7 +43,12 @@ def keep_sites_whole(backend, parse_options, compile_rewritten):
             if getattr(wrapper, "compiler_fn", wrapper) is not backend:
                 return split(gm, example_inputs, **compiler_configs)
             settings, _ = parse_options(getattr(wrapper, "kwargs", {}).get("options"))
-            return compile_rewritten(gm, settings, lambda graph: split(graph, example_inputs, **compiler_configs))
+
+            def split_into_pieces(graph):
+                with _pieces():
+                    return split(graph, example_inputs, **compiler_configs)
+
+            return compile_rewritten(gm, settings, split_into_pieces)
 
     distributed.DDPOptimizer = SiteKeepingDDPOptimizer
 

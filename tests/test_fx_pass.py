@@ -3,6 +3,7 @@
 graph.lint()); each negative case must leave the graph untouched, with its reason."""
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from slicecompile import draw_block_mask
 from slicecompile.backend import Options
 from slicecompile.dropout_bmm import batched_elements, draw_batched_block_mask
 from slicecompile.dropout_conv import draw_channel_mask
-from slicecompile.fx_pass import find_sites, graph_modules, is_dropout
+from slicecompile.fx_pass import _is_scaling, find_sites, graph_modules, is_dropout
 from slicecompile.rewrite import rewrite
 
 from tolerance import assert_close
@@ -282,11 +283,6 @@ class ScaledByTensor(Linear3d):
         return self.fc(self.drop(x) * x)
 
 
-class DividedByDropout(Linear3d):
-    def forward(self, x):
-        return self.fc(1.0 / self.drop(x))
-
-
 class DropoutOnWeight(Linear3d):
     def forward(self, x):
         return F.linear(x, F.dropout(self.fc.weight, P))
@@ -328,7 +324,6 @@ NEGATIVE = {
     "extra_user": (ExtraUser, ALWAYS, "used by sum (not a matmul input)"),
     "dropout_add": (DropoutAdd, ALWAYS, "used by add (not a matmul input)"),
     "scaled_by_tensor": (ScaledByTensor, ALWAYS, "used by mul (not a matmul input)"),
-    "divided_by_dropout": (DividedByDropout, ALWAYS, "used by truediv (not a matmul input)"),
     "eval": (_eval(Linear3d), ALWAYS, "eval mode (training=False)"),
     "p0": (lambda: Linear3d().apply(lambda m: setattr(m, "p", 0.0)), ALWAYS, "p = 0 (dropout is the identity)"),
     "float64": (_double(Linear3d), ALWAYS, "unsupported dtype torch.float64"),
@@ -427,3 +422,15 @@ def test_dropout_inside_control_flow_is_listed_and_left_alone():
     assert site.reason == "inside the subgraph cond_true_0 of cond: not supported"
     assert rewrite(gm, [site], BLOCK) == 0
     assert before == {name: sub.code for name, sub in gm.named_modules() if isinstance(sub, torch.fx.GraphModule)}
+
+
+def test_a_scaling_is_a_number_times_or_over_the_value():
+    """Dynamo may turn `1.0 / dropped` into a reciprocal, so this builds its graph by hand."""
+    graph = torch.fx.Graph()
+    value, other = graph.placeholder("value"), graph.placeholder("other")
+    scalings = [graph.call_function(operator.mul, args) for args in ((value, 2.0), (0.5, value))]
+    scalings += [graph.call_function(operator.truediv, (value, 4)), graph.call_method("mul", (value, 3))]
+    others = [graph.call_function(operator.truediv, (1.0, value)), graph.call_function(operator.mul, (value, other))]
+    others += [graph.call_function(operator.mul, (value, True)), graph.call_function(torch.add, (value, 1.0))]
+    assert all(_is_scaling(node, value) for node in scalings)
+    assert not any(_is_scaling(node, value) for node in others)
