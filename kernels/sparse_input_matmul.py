@@ -6,7 +6,9 @@ Each program loops over its block-row's kept K-tiles only, so dropped tiles are 
 loaded or multiplied, and the loop body has no branch.
 
 Roles: the input-side dropout forward (A = X, B = Wᵀ) and its weight gradient
-(A = Xᵀ with the mask's column lists, B = dY, C = dWᵀ).
+(A = Xᵀ with the mask's column lists, B = dY, C = dWᵀ); the output-side dropout's input
+gradient (A = dY, B = W, C = dX) and weight gradient (A = dYᵀ with the mask's column lists,
+B = X, C = dW).
 
 Two kernels compute it: one reads its operands through the tensor memory accelerator (Hopper
 and newer, 16-bit operands with 16-byte aligned rows), the other through pointers (any GPU).

@@ -1,12 +1,12 @@
 """Dense A times dense B into block-sparse C (the "SDD" primitive).
 
-C[M, N] = scale * (A[M, K] @ B[K, N]) ⊙ mask, where the mask is made of (MASK_BM, MASK_BN)
-tiles given densely as a (cdiv(M, MASK_BM), cdiv(N, MASK_BN)) 0/1 table. Every output tile
-is written: kept tiles get the product, dropped tiles get zeros without loading anything
-(their K loop runs zero times, so the kernel has no branch).
+C[M, N] = scale * (A[M, K] @ B[K, N] (+ bias[N])) ⊙ mask, where the mask is made of
+(MASK_BM, MASK_BN) tiles given densely as a (cdiv(M, MASK_BM), cdiv(N, MASK_BN)) 0/1 table.
+Every output tile is written: kept tiles get the product, dropped tiles get zeros without
+loading anything (their K loop runs zero times, so the kernel has no branch).
 
-Roles: the input-side dropout's input gradient (A = dY, B = W, C = dX) and, with roles
-permuted, the output-side dropout's forward.
+Roles: the input-side dropout's input gradient (A = dY, B = W, C = dX) and the output-side
+dropout's forward (A = X, B = Wᵀ, with the bias, which a dropped tile drops too).
 
 Two kernels compute it: one reads its operands through the tensor memory accelerator (Hopper
 and newer, 16-bit operands with 16-byte aligned rows), the other through pointers (any GPU).
@@ -34,6 +34,7 @@ def sparse_output_matmul_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
+    bias_ptr,
     keep_ptr,
     M,
     N,
@@ -58,11 +59,13 @@ def sparse_output_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """a: (M, K), b: (K, N), c: (M, N), keep: (cdiv(M, MASK_BM), cdiv(N, MASK_BN)) uint8.
-    BLOCK_M divides MASK_BM and BLOCK_N divides MASK_BN. *_KEY (sizes rounded up to powers
-    of two), A_T and B_T (unit stride along M, along K) only key the autotuning."""
+    """a: (M, K), b: (K, N), c: (M, N), bias: (N,) if HAS_BIAS,
+    keep: (cdiv(M, MASK_BM), cdiv(N, MASK_BN)) uint8. BLOCK_M divides MASK_BM and BLOCK_N
+    divides MASK_BN. *_KEY (sizes rounded up to powers of two), A_T and B_T (unit stride
+    along M, along K) only key the autotuning."""
     tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BN % BLOCK_N == 0, "tiles must divide the mask's block")
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -84,7 +87,7 @@ def sparse_output_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    _store_output(acc, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, scale)
+    _store_output(acc, c_ptr, bias_ptr, keep, offs_m, offs_n, M, N, stride_cm, stride_cn, scale, HAS_BIAS)
 
 
 @triton.jit
@@ -92,6 +95,7 @@ def sparse_output_matmul_tma_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
+    bias_ptr,
     keep_ptr,
     M,
     N,
@@ -114,6 +118,7 @@ def sparse_output_matmul_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
@@ -136,7 +141,7 @@ def sparse_output_matmul_tma_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _store_output(acc, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, scale)
+        _store_output(acc, c_ptr, bias_ptr, keep, offs_m, offs_n, M, N, stride_cm, stride_cn, scale, HAS_BIAS)
 
 
 @triton.jit
@@ -148,7 +153,12 @@ def _keep(keep_ptr, pid_m, pid_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN
 
 
 @triton.jit
-def _store_output(acc, c_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, scale):
+def _store_output(
+    acc, c_ptr, bias_ptr, keep, offs_m, offs_n, M, N, stride_cm, stride_cn, scale, HAS_BIAS: tl.constexpr
+):
+    if HAS_BIAS:  # a dropped tile (keep = 0) drops its bias too
+        bias = tl.load(bias_ptr + offs_n, mask=(offs_n < N) & (keep != 0), other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
     c = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     tl.store(c, (acc * scale).to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -187,8 +197,8 @@ def _interpreter_config(mask_block):
     return dict(BLOCK_M=mask_block[0], BLOCK_N=mask_block[1], BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=1)
 
 
-def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=False, config=None, tma=None):
-    """scale * (a @ b) ⊙ mask -> (M, N), for 2-D a (M, K) and b (K, N) of any strides.
+def sparse_output_matmul(a, b, keep, mask_block, scale, bias=None, out=None, allow_tf32=False, config=None, tma=None):
+    """scale * (a @ b (+ bias)) ⊙ mask -> (M, N), for 2-D a (M, K) and b (K, N) of any strides.
 
     keep: (cdiv(M, mask_block[0]), cdiv(N, mask_block[1])) uint8 or bool, 1 = tile kept.
     config: kernel tiles and launch options instead of autotuning (tiles must divide the mask's block).
@@ -203,13 +213,15 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
         raise TypeError(f"keep must be uint8 or bool, got {keep.dtype}")
     if tuple(keep.shape) != keep_shape:
         raise ValueError(f"keep must have shape {keep_shape}, got {tuple(keep.shape)}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     if out is None:
         out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     elif out.shape != (M, N):
         raise ValueError(f"out must have shape ({M}, {N}), got {tuple(out.shape)}")
     keep = keep.to(torch.uint8)  # a no-op for uint8; bool is widened, not viewed (Inductor cannot view bool)
 
-    with run_in_interpreter_dtype(out, a, b) as (out_, a, b):
+    with run_in_interpreter_dtype(out, a, b, bias) as (out_, a, b, bias):
         use_tma, a_t, b_t, strides = kernel_operands(a, b, tma, mask_block)
         kernel, tuned = (
             (sparse_output_matmul_tma_kernel, _tuned_tma) if use_tma else (sparse_output_matmul_kernel, _tuned)
@@ -222,6 +234,7 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
             a,
             b,
             out_,
+            bias,
             keep,
             M,
             N,
@@ -239,6 +252,7 @@ def sparse_output_matmul(a, b, keep, mask_block, scale, out=None, allow_tf32=Fal
             B_T=b_t,
             MASK_BM=mask_block[0],
             MASK_BN=mask_block[1],
+            HAS_BIAS=bias is not None,
             INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
             **meta,
         )

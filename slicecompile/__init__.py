@@ -2,8 +2,9 @@
 
 from .dropout_linear_op import DEFAULT_BLOCK, dropout_linear, dropout_linear_with_mask
 from .explain import explain
+from .linear_dropout_op import linear_dropout, linear_dropout_with_mask
 from .masks import BlockMask, draw_block_mask
-from .reference import dropout_linear_reference
+from .reference import dropout_linear_reference, linear_dropout_reference
 from .slice_dropout import SliceWindow, draw_slice_window, slice_dropout_linear, slice_dropout_linear_with_window
 
 __all__ = [
@@ -16,6 +17,9 @@ __all__ = [
     "dropout_linear_reference",
     "dropout_linear_with_mask",
     "explain",
+    "linear_dropout",
+    "linear_dropout_reference",
+    "linear_dropout_with_mask",
     "slice_dropout_linear",
     "slice_dropout_linear_with_window",
 ]

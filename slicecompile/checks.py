@@ -84,10 +84,11 @@ def check_linear_operands(x, weight, bias):
     return x, weight, bias
 
 
-def check_mask_fits(mask, shape, device):
-    """The mask must cover x flattened to 2-D (shape) on x's device."""
+def check_mask_fits(mask, shape, device, masked="x"):
+    """The mask must cover what it masks (x, or the output for dropout after the op), flattened
+    to 2-D (shape), on x's device."""
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"the mask covers {tuple(mask.shape)} but x flattens to {tuple(shape)}")
+        raise ValueError(f"the mask covers {tuple(mask.shape)} but {masked} flattens to {tuple(shape)}")
     if mask.kept.device != device:
         raise ValueError(f"the mask is on {mask.kept.device} but x is on {device}")
 
