@@ -198,9 +198,9 @@ def slicecompile_backend(gm, example_inputs, *, mode=None, options=None):
     """The backend callable Dynamo calls per graph (the entry point's target).
 
     Counters in torch._dynamo.utils.counters["slicecompile"]: graphs, sites, rewritten,
-    rewritten_<pattern>, skipped, fallback, disabled, ddp_pieces (the pieces DDPOptimizer split a
-    rewritten graph into; slicecompile/ddp.py) (torch._dynamo.reset() keeps them:
-    clear with counters["slicecompile"].clear())."""
+    rewritten_<pattern>, skipped, fallback, disabled, and ddp_pieces: the pieces DDPOptimizer
+    split a rewritten graph into (slicecompile/ddp.py). torch._dynamo.reset() keeps them:
+    clear with counters["slicecompile"].clear()."""
     settings, inductor_options = parse_options(options)
     if ddp.compiling_pieces():
         counters["slicecompile"]["ddp_pieces"] += 1

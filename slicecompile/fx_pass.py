@@ -3,9 +3,10 @@
 Detection only, no mutation: `find_sites` returns one `Site` per dropout node, rewritten or
 skipped with a reason, so `explain()` and the backend share one set of decisions. A site is
 a dropout (training, constant 0 < p < 1) whose users all reach the *input* operand of a
-matmul against a 2-D weight, possibly through views and scalings by a number. The matmul kinds are the named rows of
-PATTERNS; rewrite.py turns a matched site into the block-dropout op. A conv2d takes the dropout
-directly (no view between), as channel-structured dropout (dropout_conv).
+matmul against a 2-D weight, possibly through views and scalings by a number. The matmul kinds
+are the named rows of PATTERNS; rewrite.py turns a matched site into the block-dropout op. A
+conv2d takes the dropout directly (no view between), as channel-structured dropout
+(dropout_conv). Sites inside activation checkpointing's subgraphs count too.
 """
 
 import operator
@@ -378,7 +379,8 @@ CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 def graph_modules(gm, reason=None, seen=None):
     """gm and the subgraphs of its higher-order ops, recursively, each with the reason its
     dropouts are left alone (None where they may be rewritten). Activation checkpointing's
-    bodies may: the recomputation reuses the forward's mask (see rewrite.py)."""
+    bodies may: when AOTAutograd recomputes a random op (our mask and window draws are), it
+    replays the generator state the forward drew with, so backward sees the forward's mask."""
     seen = set() if seen is None else seen
     if id(gm) in seen:
         return

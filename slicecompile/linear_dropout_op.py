@@ -26,17 +26,9 @@ from . import reference
 from .checks import check_block, check_linear_operands, check_mask_fits, check_p
 
 # DEFAULT_BLOCK was measured for the input side; the output side's has not been measured yet.
-from .dropout_linear_op import DEFAULT_BLOCK, _allow_tf32, _use_kernels
+from .dropout_linear_op import DEFAULT_BLOCK, _allow_tf32, _mask, _scale, _use_kernels
 from .kernels import sparse_input_matmul, sparse_output_matmul
 from .masks import BlockMask, column_index, draw_block_mask, expand_tiles
-
-
-def _mask(kept, count, shape, block_m, block_n, p):
-    return BlockMask(kept, count, tuple(shape), (block_m, block_n), p)
-
-
-def _scale(p):
-    return 1.0 / (1.0 - p)
 
 
 @torch.library.triton_op("slicecompile::linear_block_dropout", mutates_args=())
