@@ -15,7 +15,8 @@ from slicecompile import draw_block_mask
 from slicecompile.backend import Options
 from slicecompile.dropout_bmm import batched_elements, draw_batched_block_mask
 from slicecompile.dropout_conv import draw_channel_mask
-from slicecompile.fx_pass import _is_scaling, find_sites, graph_modules, is_dropout
+from slicecompile.fx_pass import find_sites, graph_modules, is_dropout
+from slicecompile.patterns import is_scaling
 from slicecompile.rewrite import rewrite
 
 from tolerance import assert_close
@@ -432,5 +433,5 @@ def test_a_scaling_is_a_number_times_or_over_the_value():
     scalings += [graph.call_function(operator.truediv, (value, 4)), graph.call_method("mul", (value, 3))]
     others = [graph.call_function(operator.truediv, (1.0, value)), graph.call_function(operator.mul, (value, other))]
     others += [graph.call_function(operator.mul, (value, True)), graph.call_function(torch.add, (value, 1.0))]
-    assert all(_is_scaling(node, value) for node in scalings)
-    assert not any(_is_scaling(node, value) for node in others)
+    assert all(is_scaling(node, value) for node in scalings)
+    assert not any(is_scaling(node, value) for node in others)
