@@ -169,27 +169,28 @@ def test_compiles_without_graph_break():
     assert (zero_tiles.sum(1) == zero_tiles.sum(1)[0]).all(), "every block-row drops the same count"
 
 
-@pytest.mark.parametrize(
-    "change, error, match",
-    [
-        (dict(p=1.0), ValueError, r"p must be in \[0, 1\)"),
-        (dict(p=-0.1), ValueError, r"p must be in \[0, 1\)"),
-        (dict(p=float("nan")), ValueError, r"p must be in \[0, 1\)"),
-        (dict(p=torch.tensor(0.5)), TypeError, "p must be a float"),
-        (dict(block=(48, 16)), ValueError, "powers of two"),
-        (dict(block=(8, 8)), ValueError, "powers of two"),
-        (dict(block=(16.0, 16)), TypeError, "block sides must be ints"),
-        (dict(block="big"), TypeError, "block must be"),
-        (dict(weight=torch.randn(8, 31)), ValueError, "in_features = 31"),
-        (dict(x=torch.ones(4, 32, dtype=torch.int64)), TypeError, "x has dtype torch.int64"),
-        (dict(weight=torch.randn(8, 32, dtype=torch.float16)), TypeError, "share one dtype"),
-        (dict(x=torch.randn(4, 32, dtype=torch.float64)), TypeError, "x has dtype torch.float64"),
-        (dict(x=torch.randn(0, 32)), ValueError, "x is empty"),
-        (dict(bias=torch.randn(9)), ValueError, "bias must have shape"),
-        (dict(weight=torch.randn(8, 32, 1)), ValueError, "weight must be 2-D"),
-        (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
-    ],
-)
+# (argument changed, error, message) for an F.linear-shaped op: tests/test_linear_dropout_op.py uses it too.
+BAD_LINEAR_INPUTS = [
+    (dict(p=1.0), ValueError, r"p must be in \[0, 1\)"),
+    (dict(p=-0.1), ValueError, r"p must be in \[0, 1\)"),
+    (dict(p=float("nan")), ValueError, r"p must be in \[0, 1\)"),
+    (dict(p=torch.tensor(0.5)), TypeError, "p must be a float"),
+    (dict(block=(48, 16)), ValueError, "powers of two"),
+    (dict(block=(8, 8)), ValueError, "powers of two"),
+    (dict(block=(16.0, 16)), TypeError, "block sides must be ints"),
+    (dict(block="big"), TypeError, "block must be"),
+    (dict(weight=torch.randn(8, 31)), ValueError, "in_features = 31"),
+    (dict(x=torch.ones(4, 32, dtype=torch.int64)), TypeError, "x has dtype torch.int64"),
+    (dict(weight=torch.randn(8, 32, dtype=torch.float16)), TypeError, "share one dtype"),
+    (dict(x=torch.randn(4, 32, dtype=torch.float64)), TypeError, "x has dtype torch.float64"),
+    (dict(x=torch.randn(0, 32)), ValueError, "x is empty"),
+    (dict(bias=torch.randn(9)), ValueError, "bias must have shape"),
+    (dict(weight=torch.randn(8, 32, 1)), ValueError, "weight must be 2-D"),
+    (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", BAD_LINEAR_INPUTS)
 def test_bad_inputs_raise(change, error, match):
     args = dict(x=torch.randn(4, 32), weight=torch.randn(8, 32), bias=torch.randn(8), p=0.5, block=(16, 16))
     args.update(change)
