@@ -244,4 +244,4 @@ def compile_rewritten(gm, settings, compile_graph):
     return compiled
 
 
-ddp.keep_sites_whole(slicecompile_backend, parse_options, compile_rewritten)
+ddp.keep_sites_whole()

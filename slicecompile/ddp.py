@@ -33,24 +33,24 @@ def _pieces():
         _PIECES.reset(token)
 
 
-def keep_sites_whole(backend, parse_options, compile_rewritten):
-    """Install the subclass; backend is slicecompile_backend, the other two its helpers."""
+class SiteKeepingDDPOptimizer(distributed.DDPOptimizer):
+    def compile_fn(self, gm, example_inputs, **compiler_configs):
+        from .backend import compile_rewritten, parse_options, slicecompile_backend  # backend imports us
 
-    class SiteKeepingDDPOptimizer(_ORIGINAL):
-        def compile_fn(self, gm, example_inputs, **compiler_configs):
-            wrapper = self.backend_compile_fn  # torch.compile's wrapper: the backend and its kwargs
-            split = super().compile_fn
-            if getattr(wrapper, "compiler_fn", wrapper) is not backend:
-                return split(gm, example_inputs, **compiler_configs)
-            settings, _ = parse_options(getattr(wrapper, "kwargs", {}).get("options"))
+        wrapper = self.backend_compile_fn  # torch.compile's wrapper: the backend and its kwargs
+        split = super().compile_fn
+        if getattr(wrapper, "compiler_fn", wrapper) is not slicecompile_backend:
+            return split(gm, example_inputs, **compiler_configs)
+        settings, _ = parse_options(getattr(wrapper, "kwargs", {}).get("options"))
 
-            def split_into_pieces(graph):
-                with _pieces():
-                    return split(graph, example_inputs, **compiler_configs)
+        def split_into_pieces(graph):
+            with _pieces():
+                return split(graph, example_inputs, **compiler_configs)
 
-            return compile_rewritten(gm, settings, split_into_pieces)
-
-    distributed.DDPOptimizer = SiteKeepingDDPOptimizer
+        return compile_rewritten(gm, settings, split_into_pieces)
 
 
-_ORIGINAL = distributed.DDPOptimizer
+def keep_sites_whole():
+    """Make Dynamo build SiteKeepingDDPOptimizer instead of its own."""
+    if not issubclass(distributed.DDPOptimizer, SiteKeepingDDPOptimizer):
+        distributed.DDPOptimizer = SiteKeepingDDPOptimizer
