@@ -1,17 +1,25 @@
-"""Kernel benchmark of dropout -> linear: slicecompile against dense and dropout baselines.
+"""Kernel benchmark of block dropout around a linear layer: slicecompile against dense and dropout baselines.
 
-Providers: dense (F.linear), dropout_eager (F.dropout + F.linear), dropout_inductor (the same
-under torch.compile), limit (F.linear on the kept K width: the work that must be done),
-slicecompile (dropout_linear, eager), slicecompile_inductor (the same under torch.compile,
-where Inductor fuses the mask drawing) and slicecompile_slice (policy="slice", eager: cuBLAS on
-one window of features, whose limit is the same kept width) and slicecompile_slice_inductor (the
-same under torch.compile). Modes: fwd, full (forward + backward; wall time per
-step, which includes the host's launch overhead when the host is slower than the GPU) and
-full_kernels (the summed GPU kernel time of one forward + backward, from torch.profiler: what
-the step costs once launch overhead is hidden, e.g. by CUDA graphs or a busy stream). Prints a table and
-appends rows to bench/results/<--csv>.
+--side input (default) measures dropout -> linear, slicecompile.dropout_linear: a (BM, BK) tile mask
+over the input x. Providers: dense (F.linear), dropout_eager (F.dropout + F.linear), dropout_inductor
+(the same under torch.compile), limit (F.linear on the kept K width: the work that must be done),
+slicecompile (dropout_linear, eager), slicecompile_inductor (the same under torch.compile, where
+Inductor fuses the mask drawing) and slicecompile_slice (policy="slice", eager: cuBLAS on one window
+of features, whose limit is the same kept width) and slicecompile_slice_inductor (the same under
+torch.compile). CSV policy: block or slice; default CSV dropout_linear.csv.
+
+--side output measures linear -> dropout, slicecompile.linear_dropout: a (BM, BN) tile mask over the
+output y. Providers: dense, dropout_eager (F.linear + F.dropout), dropout_inductor, limit (F.linear
+on the kept N width), slicecompile (linear_dropout, eager) and slicecompile_inductor. CSV policy:
+block-output; default CSV linear_dropout.csv.
+
+Modes: fwd, full (forward + backward; wall time per step, which includes the host's launch overhead
+when the host is slower than the GPU) and full_kernels (the summed GPU kernel time of one forward +
+backward, from torch.profiler: what the step costs once launch overhead is hidden, e.g. by CUDA
+graphs or a busy stream). Prints a table and appends rows to bench/results/<--csv>.
 
     python bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0 0.5
+    python bench/bench_dropout_linear.py --side output --shapes 8192,4096,4096 --p 0 0.5
 """
 
 import argparse
@@ -52,19 +60,46 @@ def providers(x, w, p, block):
     }
 
 
-def run(shape, p, block, dtype, device, only=None):
+def output_providers(x, w, p, block):
+    kept_n = max(1, math.floor((1 - p) * w.shape[0] / block[1] + 0.5)) * block[1]
+    w_kept = w[:kept_n].detach().requires_grad_()
+    eager = lambda: F.dropout(F.linear(x, w), p)
+    sliced = lambda: slicecompile.linear_dropout(x, w, p=p, block=block)
+    return {
+        "dense": (lambda: F.linear(x, w), [x, w]),
+        "dropout_eager": (eager, [x, w]),
+        "dropout_inductor": (torch.compile(eager), [x, w]),
+        "limit": (lambda: F.linear(x, w_kept), [x, w_kept]),
+        "slicecompile": (sliced, [x, w]),
+        "slicecompile_inductor": (torch.compile(sliced), [x, w]),
+    }
+
+
+# side: (providers function, default CSV file)
+SIDES = {"input": (providers, "dropout_linear.csv"), "output": (output_providers, "linear_dropout.csv")}
+
+
+def policy(side, provider):
+    if side == "output":
+        return "block-output"
+    return "slice" if "_slice" in provider else "block"
+
+
+def run(shape, p, block, dtype, device, only=None, side="input"):
     torch._dynamo.reset()  # each (shape, p) compiles afresh instead of hitting the recompile limit
     M, K, N = shape
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(N, K, device=device) / K**0.5).to(dtype).requires_grad_()
     dy = torch.randn(M, N, device=device, dtype=dtype)
     rows = []
-    for name, (fn, leaves) in providers(x, w, p, block).items():
+    for name, (fn, leaves) in SIDES[side][0](x, w, p, block).items():
         if only and name not in only:
             continue
         with torch.no_grad():
             fwd = median_ms(fn, device)
-        step = lambda fn=fn: fn().backward(dy)
+            width = fn().shape[-1]
+        grad = dy[:, :width].contiguous()  # the output side's limit computes only the kept columns
+        step = lambda fn=fn, grad=grad: fn().backward(grad)
         full = median_ms(step, device, grad_to_none=leaves)
         rows += [(name, "fwd", fwd), (name, "full", full), (name, "full_kernels", kernel_ms(step, leaves))]
     return rows
@@ -74,10 +109,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["8192,4096,4096"], help="M,K,N")
     parser.add_argument("--p", type=float, nargs="+", default=[0.0, 0.5])
-    parser.add_argument("--blocks", nargs="+", default=["128,128"], help="BM,BK")
+    parser.add_argument("--side", choices=SIDES, default="input", help="dropout on the linear's input or output")
+    parser.add_argument(
+        "--blocks", nargs="+", default=["128,128"], help="tile: BM,BK of the input or BM,BN of the output"
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--providers", nargs="+", default=None)
-    parser.add_argument("--csv", default="dropout_linear.csv")
+    parser.add_argument("--csv", default=None, help="file under bench/results (default: by --side)")
     args = parser.parse_args()
     device = "cuda"
     meta = dict(
@@ -87,7 +125,7 @@ def main():
         triton=triton.__version__,
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    out = RESULTS / args.csv
+    out = RESULTS / (args.csv or SIDES[args.side][1])
     os.makedirs(RESULTS, exist_ok=True)
     new = not out.exists()
     with open(out, "a", newline="") as f:
@@ -101,14 +139,14 @@ def main():
                 for p in args.p:
                     M, K, N = map(int, shape.split(","))
                     block = tuple(map(int, blk.split(",")))
-                    rows = run((M, K, N), p, block, DTYPES[args.dtype], device, args.providers)
+                    rows = run((M, K, N), p, block, DTYPES[args.dtype], device, args.providers, args.side)
                     by_provider = {}
                     for provider, mode, ms in rows:
                         by_provider.setdefault(provider, {})[mode] = ms
                         writer.writerow(
                             meta
                             | dict(M=M, K=K, N=N, p=p, block=blk, provider=provider, mode=mode, ms=f"{ms:.4f}")
-                            | dict(policy="slice" if provider.endswith("_slice") else "block")
+                            | dict(policy=policy(args.side, provider))
                         )
                     for provider, ms in by_provider.items():
                         print(

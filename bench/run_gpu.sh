@@ -2,17 +2,18 @@
 # On a CUDA machine with torch and triton installed: install slicecompile in place, then run
 # the named parts (default: all) — tests: the test suite on the GPU and the demo; kernels: the
 # kernel-variant sweep, the dropout_linear benchmarks (bf16, fp16, fp32) and the block sweep
-# behind DEFAULT_BLOCK; encoder: the 4-layer encoder training step; slice: the slice policy and
-# the compact saved input against cuBLAS; memory: the encoder step's peak memory; wrn: Wide
-# ResNet blocks; frontier: the language model at equal wall-clock budgets, and its step profile;
-# distributed: the encoder step under DDP on every GPU of the machine. CSV rows go to
-# bench/results/, logs to ${OUT:-bench/results}.
+# behind DEFAULT_BLOCK; output: the linear_dropout (output side) benchmark and its block sweep;
+# gpt2: GPT-2-style blocks' training step;
+# encoder: the 4-layer encoder training step; slice: the slice policy and the compact saved input
+# against cuBLAS; memory: the encoder step's peak memory; wrn: Wide ResNet blocks; frontier: the
+# language model at equal wall-clock budgets, and its step profile; distributed: the encoder step
+# under DDP on every GPU of the machine. CSV rows go to bench/results/, logs to ${OUT:-bench/results}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests kernels encoder slice memory wrn frontier distributed}
+parts=${*:-tests kernels output gpt2 encoder slice memory wrn frontier distributed}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$out/gpu.txt"
 for part in $parts; do
@@ -35,6 +36,18 @@ for part in $parts; do
       python3 bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0.5 --providers dense slicecompile \
         --blocks 64,64 64,128 128,64 128,128 256,128 128,256 --csv dropout_linear_blocks.csv 2>&1 \
         | tee "$out/bench_blocks.log" ;;
+    output)
+      S="--shapes 8192,4096,4096 8192,16384,4096 16384,4096,16384 4096,1024,4096"
+      python3 bench/bench_dropout_linear.py --side output $S --p 0 0.1 0.5 --providers dense dropout_eager \
+        dropout_inductor limit slicecompile slicecompile_inductor 2>&1 | tee "$out/bench_output_bf16.log"
+      python3 bench/bench_dropout_linear.py --side output --shapes 8192,4096,4096 --p 0.5 \
+        --providers dense slicecompile --blocks 64,64 64,128 128,64 128,128 256,128 128,256 \
+        --csv linear_dropout_blocks.csv 2>&1 | tee "$out/bench_output_blocks.log" ;;
+    gpt2)
+      python3 bench/bench_gpt2_block.py --p 0.1 0.5 --steps 30 --backends eager inductor slicecompile \
+        slicecompile-input slicecompile-output 2>&1 | tee "$out/bench_gpt2_block.log"
+      python3 bench/bench_gpt2_block.py --p 0.5 --steps 30 --backends inductor slicecompile slicecompile-output \
+        --cudagraphs 2>&1 | tee "$out/bench_gpt2_block_cudagraphs.log" ;;
     encoder)
       python3 bench/bench_encoder.py --steps 50 2>&1 | tee "$out/bench_encoder.log" ;;
     slice)

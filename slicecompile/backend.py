@@ -50,8 +50,10 @@ DEFAULT_MIN_GEMM_SIZE = 2**24
 class Options:
     """What options={...} may set besides Inductor's own keys."""
 
-    block: tuple = DEFAULT_BLOCK  # (BM, BK) tile of the flattened matmul input
-    policy: str = "block"  # or "slice": one window of features per linear layer (batched matmuls stay block)
+    block: tuple = DEFAULT_BLOCK  # the tile of the dropped matrix: (BM, BK) of the input, (BM, BN) of the output
+    policy: str = "block"  # or "slice": one window of input features per linear layer (other sites stay block)
+    input_side: bool = True  # rewrite dropout -> matmul
+    output_side: bool = True  # rewrite matmul -> dropout
     min_gemm_size: int = DEFAULT_MIN_GEMM_SIZE  # M*K*N summed over a site's matmuls
     enabled: bool = True
     samples_per_group: int = 8  # dropout -> conv2d, block policy: samples sharing one channel mask
@@ -85,8 +87,9 @@ def _validated(options):
     size = options.min_gemm_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValueError(f"min_gemm_size must be an int >= 0, got {size!r}")
-    if not isinstance(options.enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {options.enabled!r}")
+    for name in ("enabled", "input_side", "output_side"):
+        if not isinstance(getattr(options, name), bool):
+            raise TypeError(f"{name} must be a bool, got {getattr(options, name)!r}")
     group = options.samples_per_group
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise ValueError(f"samples_per_group must be a positive int, got {group!r}")

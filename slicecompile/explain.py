@@ -39,7 +39,7 @@ class Report:
         return sum(site.saved_flops for site in self.sites)
 
     def __str__(self):
-        header = ("site", "consumer", "input shape", "GEMMs (M,K,N)", "p", "policy", "rewritten", "reason")
+        header = ("site", "consumer", "input shape", "GEMMs (M,K,N)", "p", "side", "policy", "rewritten", "reason")
         rows = [header] + [_row(site) for site in self.sites]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -58,8 +58,9 @@ def _row(site):
     gemms = " ".join("x".join(str(size) for size in gemm) for gemm in site.gemms) or "-"
     shape = "x".join(str(size) for size in site.input_shape)
     p = "?" if site.p is None else f"{site.p:g}"
-    policy = site.policy if site.rewritten else "-"
-    return (where or site.name, site.consumer, shape, gemms, p, policy, "yes" if site.rewritten else "no", site.reason)
+    side, policy = (site.side, site.policy) if site.rewritten else ("-", "-")
+    rewritten = "yes" if site.rewritten else "no"
+    return (where or site.name, site.consumer, shape, gemms, p, side, policy, rewritten, site.reason)
 
 
 def explain(model, *args, options=None, **kwargs):

@@ -17,7 +17,17 @@ import torch
 from torch.fx import Node
 
 from .checks import SUPPORTED_DTYPES
-from .patterns import arg_of, describe, is_dropout, is_scaling, is_view, meta_value, pattern_of, shape_of
+from .patterns import (
+    arg_of,
+    describe,
+    is_dropout,
+    is_scaling,
+    is_view,
+    meta_value,
+    pattern_of,
+    shape_of,
+    view_source,
+)
 
 
 @dataclass
@@ -28,7 +38,7 @@ class Site:
     module: str  # module path of the dropout, "" for a functional call in the top-level forward
     location: str  # file:line of the dropout call
     p: float | None
-    consumer: str  # the matmul kind(s), or what else used the dropout
+    consumer: str  # the matmul kind(s) (made the dropout's input, on the output side), or what rules it out
     pattern: str | None  # the PATTERNS row that matched, if any
     input_shape: tuple  # the dropout input's shape (dynamic sizes at their first-seen value)
     dtype: str
@@ -37,6 +47,7 @@ class Site:
     rewritten: bool = False
     reason: str = ""
     policy: str = "block"  # how the rewrite drops: "block" tiles or one "slice" window
+    side: str = "input"  # the dropped matrix: the matmul's "input" or its "output"
     node: Node | None = field(default=None, repr=False)  # the dropout node, for rewrite.py
     matches: list = field(default_factory=list, repr=False)  # (consumer node, Match), for rewrite.py
 
@@ -94,15 +105,16 @@ def _flag_reason(dropout, options):
     return None
 
 
-def _operand_reason(dropout, matches, options):
-    """Why the matched matmuls rule the site out (dtype, device, autocast, size), or None."""
+def _operand_reason(operand, matches, options):
+    """Why the matched matmuls, whose (dropped or not) input is operand, rule the site out
+    (dtype, device, autocast, size), or None."""
     if len({m.operand for _, m in matches}) > 1:
         return "feeds matmuls through different views"
     if len({m.batched for _, m in matches}) > 1:
         return "feeds both batched and plain matmuls"
     if any(m.conv for _, m in matches) and len(matches) > 1:
         return "feeds a convolution and other layers"
-    x = meta_value(dropout.args[0])
+    x = meta_value(operand)
     if x is None:
         return "no shape information"
     if x.dtype not in SUPPORTED_DTYPES:
@@ -163,14 +175,24 @@ def _site(dropout):
     )
 
 
-def decide(dropout, options):
-    """The Site record for one dropout node: rewritten=True means rewrite.py may apply it."""
+def _finish(site, operand, options):
+    site.gemms = tuple(match.gemm for _, match in site.matches)
+    site.reason = site.reason or _operand_reason(operand, site.matches, options) or _policy_reason(site)
+    site.rewritten = not site.reason
+    site.reason = site.reason or "rewritten"
+    return site
+
+
+def _input_side(dropout, options):
+    """The Site of dropout → matmul(s), and whether every use of the dropout is a matmul input."""
     site = _site(dropout)
     consumers, blocker = _consumers(dropout)
     site.consumer = blocker[0] if blocker else "+".join(describe(node) for node, _, _ in consumers)
     site.reason = _flag_reason(dropout, options) or (blocker[1] if blocker else None)
     if not consumers and not site.reason:
         site.reason = "result unused"
+    if not site.reason and not options.input_side:
+        site.reason = "input side turned off (input_side=False)"
     for node, pattern, operand in consumers:
         site.pattern = site.pattern or pattern.name
         match = pattern.match(node, operand)
@@ -180,12 +202,70 @@ def decide(dropout, options):
         out = meta_value(node)
         site.matches.append((node, match._replace(dtype=None if out is None else out.dtype)))
         site.pattern = "dropout_bmm" if match.batched else site.pattern
-    site.gemms = tuple(match.gemm for _, match in site.matches)
     site.policy = _policy(site, options)
-    site.reason = site.reason or _operand_reason(dropout, site.matches, options) or _policy_reason(site)
-    site.rewritten = not site.reason
-    site.reason = site.reason or "rewritten"
-    return site
+    return _finish(site, dropout.args[0], options), bool(consumers) and blocker is None
+
+
+def _producer(dropout):
+    """The node whose output alone reaches the dropout, through views and scalings by a number
+    that nothing else reads, or (the node that is read elsewhere, why)."""
+    node = dropout.args[0]
+    while isinstance(node, Node):
+        if len(node.users) > 1:
+            return node, f"the {describe(node)} before the dropout is read elsewhere too"
+        source = view_source(node)
+        if source is None:
+            return node, None
+        node = source
+    return None, "no input node"
+
+
+def _output_side(dropout, options):
+    """The Site of matmul → dropout (block tiles of the matmul's output), or None when neither a
+    matmul nor one op applied to a matmul's output made the dropout's input."""
+    site = _site(dropout)
+    site.side, site.policy = "output", "block"
+    producer, site.reason = _producer(dropout)
+    pattern = pattern_of(producer) if producer is not None else None
+    if pattern is None:
+        made_by = producer.args[0] if site.reason is None and producer.args else None
+        if not (isinstance(made_by, Node) and pattern_of(made_by)):
+            return None
+        site.consumer = describe(made_by)
+        site.reason = _flag_reason(dropout, options) or (
+            f"{describe(producer)} between {describe(made_by)} and the dropout (not fused)"
+        )
+        return _finish(site, None, options)
+    site.consumer, site.pattern = describe(producer), pattern.name.replace("dropout_", "") + "_dropout"
+    x = producer.args[pattern.operand_index] if len(producer.args) > pattern.operand_index else None
+    if pattern.name == "dropout_conv2d":
+        match = "conv2d before the dropout (the output side covers linear layers)"
+    else:
+        match = pattern.match(producer, x) if isinstance(x, Node) else "no input operand"
+    if not isinstance(match, str) and match.batched:
+        match = "batched matmul before the dropout (the output side covers linear layers)"
+    if isinstance(match, str):
+        site.reason = _flag_reason(dropout, options) or site.reason or match
+        return _finish(site, None, options)
+    out = meta_value(producer)
+    site.matches = [(producer, match._replace(dtype=None if out is None else out.dtype))]
+    site.reason = _flag_reason(dropout, options) or site.reason
+    if not site.reason and not options.output_side:
+        site.reason = "output side turned off (output_side=False)"
+    return _finish(site, x, options)
+
+
+def decide(dropout, options):
+    """The Site record for one dropout node: rewritten=True means rewrite.py may apply it. The
+    input side (dropout → matmul) is tried first; the output side (matmul → dropout) when that
+    fails. A site that fits both (linear → dropout → linear) is an input-side site."""
+    inputs, feeds_matmuls = _input_side(dropout, options)
+    if inputs.rewritten:
+        return inputs
+    outputs = _output_side(dropout, options)
+    if outputs is not None and (outputs.rewritten or not feeds_matmuls):
+        return outputs
+    return inputs
 
 
 CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
@@ -222,6 +302,21 @@ def find_sites(gm, options):
             if reason:
                 site.rewritten, site.matches, site.reason = False, [], f"{reason}: not supported"
             sites.append(site)
+    return _one_side_per_matmul(sites)
+
+
+def _one_side_per_matmul(sites):
+    """A matmul with a rewritten site on each side (linear → ReLU → dropout → linear → dropout)
+    keeps its input side: the ops drop one side of a matmul."""
+    fed = {node: site for site in sites if site.rewritten and site.side == "input" for node, _ in site.matches}
+    for site in sites:
+        if site.rewritten and site.side == "output" and site.matches[0][0] in fed:
+            by = fed[site.matches[0][0]]
+            where = " ".join(part for part in (by.module, f"({by.location})" if by.location else "") if part)
+            site.rewritten, site.matches, site.gemms = False, [], ()
+            site.reason = (
+                f"the {site.consumer}'s input is block-dropped already by {where or by.name}: one side per matmul"
+            )
     return sites
 
 

@@ -1,7 +1,8 @@
-"""What a dropout → matmul site is made of: the named PATTERNS rows (each matmul kind, which
-argument is the dropped operand, and its filter returning a Match or the reason to skip) and the
-ops followed between a dropout and its matmul (views, and scalings by a number). fx_pass decides
-sites with them."""
+"""What a dropout site is made of: the named PATTERNS rows (each matmul kind, which argument is
+its input operand, and its filter returning a Match or the reason to skip) and the ops followed
+between a dropout and its matmul (views, and scalings by a number), forwards from the dropout to
+the matmul it feeds (input side) or backwards to the matmul that made its input (output side).
+fx_pass decides sites with them."""
 
 import operator
 from collections.abc import Callable
@@ -190,6 +191,14 @@ def is_scaling(node, value):
     left, right = node.args
     divides = node.target in (operator.truediv, torch.div, "div")
     return (left is value and number(right)) or (not divides and right is value and number(left))
+
+
+def view_source(node):
+    """The tensor a view or a scaling by a number reads (what _consumers follows, walked
+    backwards), or None for any other node."""
+    if is_view(node) and node.args and isinstance(node.args[0], Node):
+        return node.args[0]
+    return next((arg for arg in node.args[:2] if isinstance(arg, Node) and is_scaling(node, arg)), None)
 
 
 def describe(node):

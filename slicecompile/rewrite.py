@@ -1,7 +1,9 @@
 """Rewrite the sites fx_pass decided on: each dropout → matmul becomes one mask draw and one
 block-dropout op per matmul (dropout_linear_op for a 2-D weight, dropout_bmm for a batched one),
 or, under the slice policy, one window draw and one slice-dropout op per linear layer; a
-dropout → conv2d becomes channel-structured dropout (dropout_conv) under either policy.
+dropout → conv2d becomes channel-structured dropout (dropout_conv) under either policy; a
+matmul → dropout (output side) becomes block dropout of the linear layer's output
+(linear_dropout_op), under either policy.
 
 The replacements are plain Python functions called from the graph; compile_fx retraces the
 graph with make_fx, which traces them into their torch ops (rand, argsort, the custom op),
@@ -17,6 +19,7 @@ from torch._guards import detect_fake_mode
 from .dropout_bmm import draw_batched_block_mask, dropout_bmm_with_mask
 from .dropout_conv import dropout_conv2d
 from .dropout_linear_op import dropout_linear_with_mask
+from .linear_dropout_op import linear_dropout_with_mask
 from .masks import BlockMask, draw_block_mask
 from .slice_dropout import SliceWindow, slice_dropout_linear_with_window
 
@@ -81,8 +84,47 @@ def _example_value(node, fn, *args):
         node.meta.pop("example_value", None)
 
 
+def linear_then_block_dropout(x, weight, bias, p, block, dtype):
+    """block dropout of F.linear(x, weight, bias) in dtype, over the output flattened to (M, N);
+    the linear layer is the site's only matmul, so the mask is drawn inside."""
+    mask = draw_block_mask(x.numel() // x.shape[-1], weight.shape[0], p, block, device=x.device)
+    bias = None if bias is None else bias.to(dtype)
+    return linear_dropout_with_mask(x.to(dtype), weight.to(dtype), bias, mask)
+
+
+def _transposed(graph, match):
+    if not match.weight_transposed:
+        return match.weight
+    weight = graph.call_function(torch.t, (match.weight,))
+    _example_value(weight, torch.t, match.weight)
+    return weight
+
+
+def _replace(consumer, replacement):
+    for key in ("example_value", "stack_trace", "nn_module_stack"):
+        if key in consumer.meta:
+            replacement.meta[key] = consumer.meta[key]
+    consumer.replace_all_uses_with(replacement)
+    consumer.graph.erase_node(consumer)
+
+
+def rewrite_output_site(graph, site, block):
+    """Replace one decided output-side site: its matmul becomes linear_then_block_dropout, and
+    the dropout's users read what the dropout read (the same views and scalings, of the dropped
+    output)."""
+    dropout = site.node
+    dropout.replace_all_uses_with(dropout.args[0])
+    graph.erase_node(dropout)
+    (matmul, match), dtype = site.matches[0], site.matches[0][1].dtype
+    with graph.inserting_before(matmul):
+        args = (match.operand, _transposed(graph, match), match.bias, site.p, block, dtype)
+        _replace(matmul, graph.call_function(linear_then_block_dropout, args))
+
+
 def rewrite_site(graph, site, block, samples_per_group=8):
     """Replace one decided site (site.rewritten) in graph, which holds site.node."""
+    if site.side == "output":
+        return rewrite_output_site(graph, site, block)
     dropout = site.node
     source = dropout.args[0]
     consumers = [consumer for consumer, _ in site.matches]
@@ -98,10 +140,7 @@ def rewrite_site(graph, site, block, samples_per_group=8):
 
     for consumer, match in site.matches:
         with graph.inserting_before(consumer):
-            weight = match.weight
-            if match.weight_transposed:
-                weight = graph.call_method("t", (weight,))
-                _example_value(weight, lambda w: w.t(), match.weight)
+            weight = _transposed(graph, match)
             if conv:
                 args = (operand, weight, match.bias, conv, site.p, site.policy, samples_per_group, match.dtype)
                 replacement = graph.call_function(conv2d_under_channel_mask, args)
@@ -115,11 +154,7 @@ def rewrite_site(graph, site, block, samples_per_group=8):
                 replacement = graph.call_function(
                     linear_under_mask, (operand, weight, match.bias, *mask_args, match.dtype)
                 )
-        for key in ("example_value", "stack_trace", "nn_module_stack"):
-            if key in consumer.meta:
-                replacement.meta[key] = consumer.meta[key]
-        consumer.replace_all_uses_with(replacement)
-        graph.erase_node(consumer)
+        _replace(consumer, replacement)
 
 
 def _draw(graph, site, operand, block):

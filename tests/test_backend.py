@@ -414,7 +414,8 @@ def test_default_size_threshold_skips_small_gemms(inductor):
 def test_unknown_option_lists_the_known_ones():
     with pytest.raises(
         ValueError,
-        match="unknown slicecompile option 'blokc'.*block, policy, min_gemm_size, enabled, samples_per_group",
+        match="unknown slicecompile option 'blokc'.*block, policy, input_side, output_side, min_gemm_size, enabled, "
+        "samples_per_group",
     ):
         parse_options({"blokc": 64})
     with pytest.raises(Exception, match="unknown slicecompile option"):
@@ -428,6 +429,8 @@ def test_unknown_option_lists_the_known_ones():
         ({"policy": "columns"}, "unknown policy 'columns'; known policies: block, slice"),
         ({"min_gemm_size": -1}, "min_gemm_size must be an int >= 0"),
         ({"enabled": "yes"}, "enabled must be a bool"),
+        ({"output_side": 0}, "output_side must be a bool"),
+        ({"input_side": None}, "input_side must be a bool"),
         ({"samples_per_group": 0}, "samples_per_group must be a positive int"),
     ],
 )

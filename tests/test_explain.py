@@ -62,10 +62,10 @@ def test_options_change_the_decision():
 def test_table():
     report = explain(HeadAfterBreak(), torch.randn(4, 8, 32), options=ALWAYS)
     lines = str(report).splitlines()
-    header = ["site", "consumer", "input", "shape", "GEMMs", "(M,K,N)", "p", "policy", "rewritten", "reason"]
+    header = ["site", "consumer", "input", "shape", "GEMMs", "(M,K,N)", "p", "side", "policy", "rewritten", "reason"]
     assert lines[0].split() == header
     assert lines[2].split()[:2] == ["drop", f"(test_explain.py:{HeadAfterBreak.forward.__code__.co_firstlineno + 1})"]
-    assert lines[2].split()[2:8] == ["linear", "4x8x32", "32x32x16", "0.25", "block", "yes"]
+    assert lines[2].split()[2:9] == ["linear", "4x8x32", "32x32x16", "0.25", "input", "block", "yes"]
     assert "used by add (not a matmul input)" in lines[3]
     assert lines[-1] == (
         "1 of 2 dropout sites rewritten in 2 graph(s); predicted GEMM FLOPs saved per step (fwd+bwd): "
@@ -97,7 +97,7 @@ def test_policy_per_site():
         ("dropout_linear", "slice", True),
         ("dropout_bmm", "block", True),
     ]
-    assert str(sliced).splitlines()[2].split()[5:7] == ["0.25", "slice"]
+    assert str(sliced).splitlines()[2].split()[5:8] == ["0.25", "input", "slice"]
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -112,3 +112,26 @@ def test_explain_compiles_nothing_and_counts_nothing():
     counters["inductor"].clear()
     explain(HeadAfterBreak(), torch.randn(4, 8, 32), options=ALWAYS)
     assert not counters["slicecompile"] and not counters["inductor"]
+
+
+class ResidualProjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop, self.proj = nn.Dropout(0.25), nn.Linear(32, 24)
+
+    def forward(self, x):
+        return x[..., :24] + self.drop(self.proj(x))
+
+
+@pytest.mark.parametrize("policy", ["block", "slice"])
+def test_output_side_site(policy):
+    """projection → dropout → add: an output-side site, in block tiles under either policy."""
+    report = explain(ResidualProjection(), torch.randn(4, 8, 32), options={**ALWAYS, "policy": policy})
+    (site,) = report.sites
+    assert (site.consumer, site.pattern, site.side, site.policy) == ("linear", "linear_dropout", "output", "block")
+    assert (site.input_shape, site.gemms, site.rewritten) == ((4, 8, 24), ((32, 32, 24),), True)
+    assert report.saved_flops == 6 * 32 * 32 * 24 // 4
+    row = str(report).splitlines()[2].split()
+    assert row[2:9] == ["linear", "4x8x24", "32x32x24", "0.25", "output", "block", "yes"]
+    (off,) = explain(ResidualProjection(), torch.randn(4, 8, 32), options={**ALWAYS, "output_side": False}).sites
+    assert (off.rewritten, off.reason) == (False, "output side turned off (output_side=False)")
