@@ -222,15 +222,17 @@ class Mlp(nn.Module):
         return x + masked(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
-def test_compiled_training_step_matches_reference():
-    """Through Inductor (drawing with eager's generator), two steps with their own masks."""
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_training_step_matches_reference(dynamic):
+    """Through Inductor (drawing with eager's generator), two steps with their own masks; with
+    dynamic shapes, two batch sizes (ragged in the mask's rows) and one compile."""
     counters["slicecompile"].clear()
     torch.manual_seed(0)
     model = Mlp()
     options = {"block": BLOCK, "min_gemm_size": 0, "fallback_random": True}
-    compiled = torch.compile(model, backend=slicecompile_backend, options=options, fullgraph=True)
-    for seed in (1, 2):
-        x = torch.randn(3, 16, 32, requires_grad=True)
+    compiled = torch.compile(model, backend=slicecompile_backend, options=options, fullgraph=True, dynamic=dynamic)
+    for seed, batch in ((1, 3), (2, 5 if dynamic else 3)):
+        x = torch.randn(batch, 15, 32, requires_grad=True)
         torch.manual_seed(seed)
         out = compiled(x)
         grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
