@@ -19,7 +19,6 @@ import datetime
 import math
 import pathlib
 import statistics
-import time
 
 import torch
 import torch.nn as nn
@@ -98,17 +97,6 @@ class GPT2Blocks(nn.Module):
         return self.ln_f(self.blocks(x))
 
 
-def timed_steps_cpu(step, batches, steps):
-    """timed_steps with time.perf_counter, for a CPU (no CUDA events)."""
-    times, losses = [], []
-    for i in range(steps):
-        start = time.perf_counter()
-        loss = step(*batches[i % len(batches)])
-        times.append((time.perf_counter() - start) * 1000)
-        losses.append(loss.item())
-    return times, losses
-
-
 def make_model(p, args):
     return GPT2Blocks(args.d_model, args.heads, args.seq, args.layers, p).to(args.device)
 
@@ -133,10 +121,9 @@ def train(backend, p, args, batches):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    cuda = args.device.type == "cuda"
-    times, losses = (timed_steps if cuda else timed_steps_cpu)(step, batches, args.steps)
+    times, losses = timed_steps(step, batches, args.steps, args.device)
     x, y = batches[0]
-    gpu_ms = kernel_ms(lambda: step(x, y), steps=5) if cuda else None
+    gpu_ms = kernel_ms(lambda: step(x, y), steps=5) if args.device.type == "cuda" else None
     return statistics.median(times[args.warmup :]), gpu_ms, losses
 
 

@@ -40,16 +40,22 @@ def kernel_ms(fn, grad_to_none=(), steps=10):
     return sum(event.self_device_time_total for event in prof.key_averages()) / steps / 1000
 
 
-def timed_steps(step, batches, steps):
-    """Run step(*batches[i % len(batches)]) `steps` times on a GPU; returns each step's wall ms
-    (CUDA events, synchronised after every step) and its loss (step's return value)."""
+def timed_steps(step, batches, steps, device="cuda"):
+    """Run step(*batches[i % len(batches)]) `steps` times; returns each step's wall ms (CUDA
+    events, synchronised after every step, on a GPU; perf_counter on a CPU) and its loss
+    (step's return value)."""
     times, losses = [], []
     for i in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = step(*batches[i % len(batches)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = step(*batches[i % len(batches)])
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            loss = step(*batches[i % len(batches)])
+            times.append((time.perf_counter() - start) * 1000)
         losses.append(loss.item())
     return times, losses
