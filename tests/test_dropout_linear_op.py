@@ -19,16 +19,18 @@ dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 blocks = st.tuples(st.sampled_from([16, 32, 64]), st.sampled_from([16, 32, 64]))
 
 
-def _inputs(lead, K, N, dtype, bias=True):
+def linear_inputs(lead, K, N, dtype=torch.float32, bias=True):
+    """x (*lead, K), weight (N, K) and bias (N,) or None, leaves requiring grad."""
     x = torch.randn(*lead, K, device=DEVICE).to(dtype).requires_grad_()
     w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype).requires_grad_()
     b = torch.randn(N, device=DEVICE).to(dtype).requires_grad_() if bias else None
     return x, w, b
 
 
-def _check_against_reference(x, w, b, mask):
-    """Forward and all gradients of the op versus the float64 and same-dtype references."""
-    y = dropout_linear_with_mask(x, w, b, mask)
+def check_against_reference(x, w, b, mask, op=dropout_linear_with_mask, reference=dropout_linear_reference):
+    """Forward and all gradients of op(x, w, b, mask) versus reference in float64 and in x's
+    dtype, under the same mask; returns the op's output."""
+    y = op(x, w, b, mask)
     grad = torch.randn_like(y)
     y.backward(grad)
     leaves = [t for t in (x, w, b) if t is not None]
@@ -36,11 +38,12 @@ def _check_against_reference(x, w, b, mask):
     for name, dtype in (("wide", torch.float64), ("same", x.dtype)):
         copies = [t.detach().to(dtype).requires_grad_() for t in leaves]
         args = copies + [None] * (3 - len(copies))
-        ref = dropout_linear_reference(*args, mask)
+        ref = reference(*args, mask)
         ref.backward(grad.to(dtype))
         results[name] = [ref] + [c.grad for c in copies]
     for i, (actual, name) in enumerate(zip([y] + [t.grad for t in leaves], ["y", "dx", "dw", "db"])):
         assert_close(actual, results["wide"][i], results["same"][i], name)
+    return y
 
 
 @given(
@@ -55,16 +58,16 @@ def _check_against_reference(x, w, b, mask):
 )
 def test_matches_reference(lead, K, N, p, block, dtype, bias, seed):
     torch.manual_seed(seed)
-    x, w, b = _inputs(lead, K, N, dtype, bias)
+    x, w, b = linear_inputs(lead, K, N, dtype, bias)
     mask = draw_block_mask(x.numel() // K, K, p, block, device=DEVICE)
-    _check_against_reference(x, w, b, mask)
+    check_against_reference(x, w, b, mask)
 
 
 @pytest.mark.parametrize("shape", [(1, 40), (3, 10), (130, 20), (1, 1)], ids=["M=1", "K<tile", "ragged", "1x1"])
 def test_edge_shapes(shape):
     torch.manual_seed(0)
-    x, w, b = _inputs(shape[:1], shape[1], 33, torch.float32)
-    _check_against_reference(x, w, b, draw_block_mask(shape[0], shape[1], 0.5, (16, 16), device=DEVICE))
+    x, w, b = linear_inputs(shape[:1], shape[1], 33, torch.float32)
+    check_against_reference(x, w, b, draw_block_mask(shape[0], shape[1], 0.5, (16, 16), device=DEVICE))
 
 
 def test_non_contiguous_inputs_and_stride_zero_gradient():
@@ -84,7 +87,7 @@ def test_non_contiguous_inputs_and_stride_zero_gradient():
 
 
 def test_seed_reproduces_the_op_and_its_mask():
-    x, w, b = _inputs((4, 50), 96, 40, torch.float32)
+    x, w, b = linear_inputs((4, 50), 96, 40, torch.float32)
     torch.manual_seed(3)
     y = dropout_linear(x, w, b, p=0.4, block=(16, 32))
     torch.manual_seed(3)
@@ -95,7 +98,7 @@ def test_seed_reproduces_the_op_and_its_mask():
 
 
 def test_eval_and_p_zero_are_exactly_linear():
-    x, w, b = _inputs((5, 30), 64, 20, torch.float32)
+    x, w, b = linear_inputs((5, 30), 64, 20, torch.float32)
     expected = F.linear(x, w, b)
     assert torch.equal(dropout_linear(x, w, b, p=0.5, training=False), expected)
     assert torch.equal(dropout_linear(x, w, b, p=0.0), expected)
@@ -104,7 +107,7 @@ def test_eval_and_p_zero_are_exactly_linear():
 def test_output_is_unbiased(monkeypatch):
     monkeypatch.setattr(op_module, "_use_kernels", lambda t: False)  # 2000 draws: the fast pure-PyTorch path
     torch.manual_seed(0)
-    x, w, _ = _inputs((64,), 64, 8, torch.float32, bias=False)
+    x, w, _ = linear_inputs((64,), 64, 8, torch.float32, bias=False)
     draws = 2000
     with torch.no_grad():
         mean = sum(dropout_linear(x, w, p=0.5, block=(16, 16)) for _ in range(draws)) / draws
@@ -128,7 +131,7 @@ def test_needs_input_grad_subsets():
 def test_reference_path_matches_kernels(monkeypatch):
     """The pure-PyTorch path (CPU tensors without the interpreter) gives the kernels' results."""
     torch.manual_seed(0)
-    x, w, b = (t.detach() for t in _inputs((70,), 90, 30, torch.float32))
+    x, w, b = (t.detach() for t in linear_inputs((70,), 90, 30, torch.float32))
     mask = draw_block_mask(70, 90, 0.5, (32, 32), device=DEVICE)
     results = []
     for kernels in (True, False):
@@ -143,7 +146,7 @@ def test_reference_path_matches_kernels(monkeypatch):
 
 def test_opcheck():
     torch.manual_seed(0)
-    x, w, b = _inputs((40,), 48, 24, torch.float32)
+    x, w, b = linear_inputs((40,), 48, 24, torch.float32)
     mask = draw_block_mask(40, 48, 0.5, (16, 16), device=DEVICE)
     ops = torch.ops.slicecompile
     args = (x, w, b, mask.kept, mask.count, 16, 16, 0.5)
@@ -157,7 +160,7 @@ def test_opcheck():
 
 def test_compiles_without_graph_break():
     torch.manual_seed(0)
-    x, w, b = _inputs((2, 40), 64, 32, torch.float32)
+    x, w, b = linear_inputs((2, 40), 64, 32, torch.float32)
     compiled = torch.compile(lambda x, w, b: dropout_linear(x, w, b, p=0.5, block=(16, 16)), fullgraph=True)
     y = compiled(x, w, b)
     y.sum().backward()
@@ -200,7 +203,7 @@ def test_bad_inputs_raise(change, error, match):
 
 
 def test_mask_must_fit_the_input():
-    x, w, _ = _inputs((40,), 48, 24, torch.float32)
+    x, w, _ = linear_inputs((40,), 48, 24, torch.float32)
     with pytest.raises(ValueError, match="the mask covers"):
         dropout_linear_with_mask(x, w, None, draw_block_mask(41, 48, 0.5, (16, 16), device=DEVICE))
 
@@ -213,7 +216,7 @@ def test_devices_must_match():
 
 @pytest.mark.parametrize("p", [0.5, 0.2])
 def test_backward_saves_only_the_kept_tiles_and_the_tile_index(p):
-    x, w, b = _inputs((4, 32), 64, 20, torch.float32)
+    x, w, b = linear_inputs((4, 32), 64, 20, torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = dropout_linear(x, w, b, p=p, block=(16, 16))
@@ -228,7 +231,7 @@ def test_backward_saves_only_the_kept_tiles_and_the_tile_index(p):
 
 @pytest.mark.gpu
 def test_training_step_never_synchronises_with_the_host():
-    x, w, b = _inputs((8, 512), 1024, 512, torch.bfloat16)
+    x, w, b = linear_inputs((8, 512), 1024, 512, torch.bfloat16)
     dropout_linear(x, w, b, p=0.3).sum().backward()  # compile the kernels first
     torch.cuda.set_sync_debug_mode("error")
     try:

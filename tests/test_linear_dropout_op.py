@@ -12,37 +12,18 @@ import slicecompile.linear_dropout_op as op_module
 from slicecompile import draw_block_mask, linear_dropout, linear_dropout_reference, linear_dropout_with_mask
 
 from conftest import DEVICE
-from test_dropout_linear_op import BAD_LINEAR_INPUTS
+from test_dropout_linear_op import BAD_LINEAR_INPUTS, check_against_reference, linear_inputs
 from tolerance import assert_close
 
 dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 blocks = st.tuples(st.sampled_from([16, 32]), st.sampled_from([16, 32]))
 
 
-def _inputs(lead, K, N, dtype=torch.float32, bias=True):
-    x = torch.randn(*lead, K, device=DEVICE).to(dtype).requires_grad_()
-    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype).requires_grad_()
-    b = torch.randn(N, device=DEVICE).to(dtype).requires_grad_() if bias else None
-    return x, w, b
-
-
 def _check_against_reference(x, w, b, mask):
     """Forward and all gradients of the op versus the float64 and same-dtype references; dropped
     output tiles are exactly zero."""
-    y = linear_dropout_with_mask(x, w, b, mask)
+    y = check_against_reference(x, w, b, mask, linear_dropout_with_mask, linear_dropout_reference)
     assert (y.reshape(mask.shape)[~mask.elements()] == 0).all(), "dropped tiles are zeros"
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    leaves = [t for t in (x, w, b) if t is not None]
-    results = {}
-    for name, dtype in (("wide", torch.float64), ("same", x.dtype)):
-        copies = [t.detach().to(dtype).requires_grad_() for t in leaves]
-        args = copies + [None] * (3 - len(copies))
-        ref = linear_dropout_reference(*args, mask)
-        ref.backward(grad.to(dtype))
-        results[name] = [ref] + [c.grad for c in copies]
-    for i, (actual, name) in enumerate(zip([y] + [t.grad for t in leaves], ["y", "dx", "dw", "db"])):
-        assert_close(actual, results["wide"][i], results["same"][i], name)
 
 
 @given(
@@ -57,7 +38,7 @@ def _check_against_reference(x, w, b, mask):
 )
 def test_matches_reference(lead, K, N, p, block, dtype, bias, seed):
     torch.manual_seed(seed)
-    x, w, b = _inputs(lead, K, N, dtype, bias)
+    x, w, b = linear_inputs(lead, K, N, dtype, bias)
     mask = draw_block_mask(x.numel() // K, N, p, block, device=DEVICE)
     _check_against_reference(x, w, b, mask)
 
@@ -67,7 +48,7 @@ def test_matches_reference(lead, K, N, p, block, dtype, bias, seed):
 )
 def test_edge_shapes(rows, N):
     torch.manual_seed(0)
-    x, w, b = _inputs((rows,), 24, N)
+    x, w, b = linear_inputs((rows,), 24, N)
     _check_against_reference(x, w, b, draw_block_mask(rows, N, 0.5, (16, 16), device=DEVICE))
 
 
@@ -75,7 +56,7 @@ def test_output_keeps_whole_tiles_and_equal_counts_per_block_row():
     """The op's own draw: y (with a bias, so no kept element is zero) vanishes on whole (BM, BN)
     tiles, every block-row drops the same number, and the kept tiles equal the dense output · s."""
     torch.manual_seed(0)
-    x, w, b = (t.detach() for t in _inputs((96,), 32, 128))
+    x, w, b = (t.detach() for t in linear_inputs((96,), 32, 128))
     b = b + 10  # keeps every kept element away from zero
     y = linear_dropout(x, w, b, p=0.4, block=(32, 32))
     tiles = y.reshape(3, 32, 4, 32).ne(0).all(3).all(1)
@@ -112,7 +93,7 @@ def test_non_contiguous_inputs_and_stride_zero_gradient():
 
 
 def test_seed_reproduces_the_op_and_its_mask():
-    x, w, b = _inputs((2, 25), 32, 48)
+    x, w, b = linear_inputs((2, 25), 32, 48)
     torch.manual_seed(3)
     y = linear_dropout(x, w, b, p=0.4, block=(16, 32))
     torch.manual_seed(3)
@@ -123,7 +104,7 @@ def test_seed_reproduces_the_op_and_its_mask():
 
 
 def test_eval_and_p_zero_are_exactly_linear():
-    x, w, b = _inputs((5, 30), 64, 20)
+    x, w, b = linear_inputs((5, 30), 64, 20)
     expected = F.linear(x, w, b)
     assert torch.equal(linear_dropout(x, w, b, p=0.5, training=False), expected)
     assert torch.equal(linear_dropout(x, w, b, p=0.0), expected)
@@ -132,7 +113,7 @@ def test_eval_and_p_zero_are_exactly_linear():
 def test_output_is_unbiased(monkeypatch):
     monkeypatch.setattr(op_module, "_use_kernels", lambda t: False)  # 2000 draws: the fast pure-PyTorch path
     torch.manual_seed(0)
-    x, w, b = (t.detach() for t in _inputs((64,), 32, 48))
+    x, w, b = (t.detach() for t in linear_inputs((64,), 32, 48))
     draws = 2000
     mean = sum(linear_dropout(x, w, b, p=0.5, block=(16, 16)) for _ in range(draws)) / draws
     dense = F.linear(x, w, b)
@@ -143,7 +124,7 @@ def test_output_is_unbiased(monkeypatch):
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
 def test_needs_input_grad_subsets(needs):
     torch.manual_seed(0)
-    x, w, b = (t.detach().requires_grad_(need) for t, need in zip(_inputs((40,), 48, 24), needs))
+    x, w, b = (t.detach().requires_grad_(need) for t, need in zip(linear_inputs((40,), 48, 24), needs))
     mask = draw_block_mask(40, 24, 0.5, (16, 16), device=DEVICE)
     grad = torch.randn(40, 24, device=DEVICE)
     linear_dropout_with_mask(x, w, b, mask).backward(grad)
@@ -158,7 +139,7 @@ def test_needs_input_grad_subsets(needs):
 def test_reference_path_matches_kernels(monkeypatch):
     """The pure-PyTorch path (CPU tensors without the interpreter) gives the kernels' results."""
     torch.manual_seed(0)
-    x, w, b = (t.detach() for t in _inputs((70,), 40, 90))
+    x, w, b = (t.detach() for t in linear_inputs((70,), 40, 90))
     mask = draw_block_mask(70, 90, 0.5, (32, 32), device=DEVICE)
     results = []
     for kernels in (True, False):
@@ -173,7 +154,7 @@ def test_reference_path_matches_kernels(monkeypatch):
 
 def test_opcheck():
     torch.manual_seed(0)
-    x, w, b = _inputs((40,), 48, 24)
+    x, w, b = linear_inputs((40,), 48, 24)
     mask = draw_block_mask(40, 24, 0.5, (16, 16), device=DEVICE)
     ops, meta = torch.ops.slicecompile, (16, 16, 0.5)
     torch.library.opcheck(ops.linear_block_dropout.default, (x, w, b, mask.kept, mask.count, *meta))
@@ -185,7 +166,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("p", [0.5, 0.2])
 def test_backward_saves_x_weight_and_the_tile_index_only(p):
-    x, w, b = _inputs((4, 32), 64, 96)
+    x, w, b = linear_inputs((4, 32), 64, 96)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = linear_dropout(x, w, b, p=p, block=(16, 32))
@@ -208,7 +189,7 @@ def _check_tile_structure(y, block, block_rows, tiles_per_row):
 def test_compiles_without_graph_break_and_matches_eager_mask():
     """aot_eager draws the mask with torch's generator, as eager does: same seed, same mask."""
     torch.manual_seed(0)
-    x, w, b = _inputs((2, 16), 32, 64)
+    x, w, b = linear_inputs((2, 16), 32, 64)
     compiled = torch.compile(
         lambda x, w, b: linear_dropout(x, w, b, p=0.5, block=(16, 16)), fullgraph=True, backend="aot_eager"
     )
@@ -230,7 +211,7 @@ def test_compiles_without_graph_break_and_matches_eager_mask():
 def test_compiles_with_inductor():
     """Inductor draws the mask with its own RNG: check the structure and that gradients flow."""
     torch.manual_seed(0)
-    x, w, b = _inputs((2, 16), 32, 64)
+    x, w, b = linear_inputs((2, 16), 32, 64)
     compiled = torch.compile(lambda x, w, b: linear_dropout(x, w, b + 10, p=0.5, block=(16, 16)), fullgraph=True)
     y = compiled(x, w, b)
     y.sum().backward()
@@ -244,7 +225,7 @@ def test_compiles_with_inductor():
 def test_follows_the_autocast_dtype(dtype):
     """Under autocast the op equals the op on operands cast by hand, as F.linear does, and the
     gradients reach the float32 leaves in float32."""
-    x, w, b = _inputs((40,), 64, 32)
+    x, w, b = linear_inputs((40,), 64, 32)
     with torch.autocast(DEVICE, dtype=dtype):
         assert F.linear(x, w, b).dtype == dtype
         torch.manual_seed(1)
@@ -267,7 +248,7 @@ def test_bad_inputs_raise(change, error, match):
 
 
 def test_mask_must_fit_the_output():
-    x, w, _ = _inputs((40,), 48, 24)
+    x, w, _ = linear_inputs((40,), 48, 24)
     with pytest.raises(ValueError, match=r"the mask covers \(40, 48\) but the output flattens to \(40, 24\)"):
         linear_dropout_with_mask(x, w, None, draw_block_mask(40, 48, 0.5, (16, 16), device=DEVICE))
 
@@ -283,13 +264,13 @@ def test_devices_must_match():
 def test_default_block_on_the_gpu_kernels(dtype):
     """(128, 128) blocks and 16-bit operands: the tensor-memory-accelerator kernels on Hopper."""
     torch.manual_seed(0)
-    x, w, b = _inputs((2, 200), 264, 392, dtype)
+    x, w, b = linear_inputs((2, 200), 264, 392, dtype)
     _check_against_reference(x, w, b, draw_block_mask(400, 392, 0.5, (128, 128), device=DEVICE))
 
 
 @pytest.mark.gpu
 def test_training_step_never_synchronises_with_the_host():
-    x, w, b = _inputs((8, 512), 512, 1024, torch.bfloat16)
+    x, w, b = linear_inputs((8, 512), 512, 1024, torch.bfloat16)
     linear_dropout(x, w, b, p=0.3).sum().backward()  # compile the kernels first
     torch.cuda.set_sync_debug_mode("error")
     try:
