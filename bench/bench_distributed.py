@@ -38,7 +38,7 @@ from bench_encoder import Encoder  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from slicecompile.timing import timed_steps  # noqa: E402
+from slicecompile.tools.timing import timed_steps  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FIELDS = "gpu world_size variant p ddp_split bucket_cap_mb layers d_model ffn tokens_per_rank step_ms".split()

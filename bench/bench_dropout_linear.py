@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 
 import slicecompile
-from slicecompile.timing import kernel_ms, median_ms
+from slicecompile.tools.timing import kernel_ms, median_ms
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

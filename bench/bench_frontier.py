@@ -15,8 +15,9 @@ import pathlib
 import torch
 import triton
 
-from slicecompile import demo, textdata
-from slicecompile.lm import Config
+from slicecompile.demo import textdata
+from slicecompile.demo import train as demo
+from slicecompile.demo.model import Config
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FIELDS = (

@@ -25,7 +25,7 @@ import torch.nn as nn
 import triton
 
 import slicecompile
-from slicecompile.timing import kernel_ms, timed_steps
+from slicecompile.tools.timing import kernel_ms, timed_steps
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FIELDS = "gpu backend p layers d_model heads tokens step_ms kernel_ms loss_first loss_last".split()

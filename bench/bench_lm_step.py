@@ -11,7 +11,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from slicecompile.lm import Config, LanguageModel
+from slicecompile.demo.model import Config, LanguageModel
 
 CASES = [
     ("Inductor, attention and MLP dropout", "inductor", None, 0.1),

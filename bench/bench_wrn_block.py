@@ -19,7 +19,7 @@ import torch.nn as nn
 import triton
 
 import slicecompile
-from slicecompile.timing import kernel_ms, timed_steps
+from slicecompile.tools.timing import kernel_ms, timed_steps
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FIELDS = "gpu variant mode samples_per_group p blocks channels size batch step_ms kernel_ms".split()

@@ -1,11 +1,24 @@
-"""slicecompile: block-structured dropout with GEMMs that skip the dropped tiles."""
+"""slicecompile: block-structured dropout with GEMMs that skip the dropped tiles.
 
-from .dropout_linear_op import DEFAULT_BLOCK, dropout_linear, dropout_linear_with_mask
-from .explain import explain
-from .linear_dropout_op import linear_dropout, linear_dropout_with_mask
-from .masks import BlockMask, draw_block_mask
-from .reference import dropout_linear_reference, linear_dropout_reference
-from .slice_dropout import SliceWindow, draw_slice_window, slice_dropout_linear, slice_dropout_linear_with_window
+Layers, data flowing one way: compiler/ (the torch.compile backend) → ops/ (the public ops) →
+kernels (Triton, installed as slicecompile.kernels); demo/ and tools/ sit on top."""
+
+from .compiler import explain
+from .ops import (
+    DEFAULT_BLOCK,
+    BlockMask,
+    SliceWindow,
+    draw_block_mask,
+    draw_slice_window,
+    dropout_linear,
+    dropout_linear_reference,
+    dropout_linear_with_mask,
+    linear_dropout,
+    linear_dropout_reference,
+    linear_dropout_with_mask,
+    slice_dropout_linear,
+    slice_dropout_linear_with_window,
+)
 
 __all__ = [
     "DEFAULT_BLOCK",

@@ -1,9 +1,10 @@
 import argparse
 import sys
 
-from . import demo, tune
+from .demo import train
+from .tools import tune
 
-COMMANDS = {"demo": demo.main, "tune": tune.main}
+COMMANDS = {"demo": train.main, "tune": tune.main}
 
 
 def main():

@@ -1,0 +1,189 @@
+"""Rewrite the sites sites.py decided on: each dropout → matmul becomes one mask draw and one
+block-dropout op per matmul (ops/input_dropout_linear.py for a 2-D weight, ops/dropout_bmm.py
+for a batched one), or, under the slice policy, one window draw and one slice-dropout op per
+linear layer; a dropout → conv2d becomes channel-structured dropout (ops/dropout_conv2d.py)
+under either policy; a matmul → dropout (output side) becomes block dropout of the linear
+layer's output (ops/output_dropout_linear.py), under either policy.
+
+The replacements are plain Python functions called from the graph; compile_fx retraces the
+graph with make_fx, which traces them into their torch ops (rand, argsort, the custom op),
+so the mask is drawn inside the compiled graph from torch's generator, with no host sync.
+"""
+
+import contextlib
+import operator
+
+import torch
+from torch._guards import detect_fake_mode
+
+from ..ops import (
+    BlockMask,
+    SliceWindow,
+    draw_block_mask,
+    dropout_linear_with_mask,
+    linear_dropout_with_mask,
+    slice_dropout_linear_with_window,
+)
+from ..ops.dropout_bmm import draw_batched_block_mask, dropout_bmm_with_mask
+from ..ops.dropout_conv2d import dropout_conv2d
+
+
+def draw_site_mask(x, p, block):
+    """One mask over x flattened to (M, K); every matmul of the site shares it, as they would
+    share an element-wise dropout's mask."""
+    in_features = x.shape[-1]
+    mask = draw_block_mask(x.numel() // in_features, in_features, p, block, device=x.device)
+    return mask.kept, mask.count
+
+
+def draw_batched_site_mask(a, p, block):
+    """One mask per (M, K) matrix of a (..., M, K), for a batched matmul."""
+    m, k = a.shape[-2:]
+    mask = draw_batched_block_mask(a.numel() // (m * k), m, k, p, block, device=a.device)
+    return mask.kept, mask.count
+
+
+def bmm_under_mask(a, b, kept, count, p, block, dtype):
+    """a @ b (same batch dims) in dtype, with a block-dropped by the batched mask (kept, count)."""
+    m, k = a.shape[-2:]
+    rows = a.numel() // (m * k) * -(-m // block[0]) * block[0]
+    return dropout_bmm_with_mask(a.to(dtype), b.to(dtype), BlockMask(kept, count, (rows, k), tuple(block), p))
+
+
+def linear_under_mask(x, weight, bias, kept, count, p, block, dtype):
+    """F.linear(x, weight, bias) in dtype, with x block-dropped by the mask (kept, count)."""
+    in_features = x.shape[-1]
+    mask = BlockMask(kept, count, (x.numel() // in_features, in_features), tuple(block), p)
+    bias = None if bias is None else bias.to(dtype)
+    return dropout_linear_with_mask(x.to(dtype), weight.to(dtype), bias, mask)
+
+
+def draw_site_window(x, p):
+    """One slice window over x's last dimension, shared by every matmul of the site."""
+    return torch.ops.slicecompile.draw_slice_window(x.shape[-1], float(p), device=torch.device("cpu"))
+
+
+def linear_under_window(x, weight, bias, window, p, dtype):
+    """F.linear(x, weight, bias) in dtype, with x slice-dropped by the window."""
+    bias = None if bias is None else bias.to(dtype)
+    return slice_dropout_linear_with_window(x.to(dtype), weight.to(dtype), bias, SliceWindow(window, x.shape[-1], p))
+
+
+def conv2d_under_channel_mask(x, weight, bias, conv, p, policy, samples_per_group, dtype):
+    """F.conv2d(x, weight, bias, *conv) in dtype, with x's channels dropped under policy; the
+    convolution is the site's only consumer, so the mask is drawn inside."""
+    bias = None if bias is None else bias.to(dtype)
+    x, weight = x.to(dtype), weight.to(dtype)
+    return dropout_conv2d(x, weight, bias, *conv, p=p, policy=policy, samples_per_group=samples_per_group)
+
+
+def _example_value(node, fn, *args):
+    """Dynamo's fake-tensor metadata for a new node, so later passes can read shapes;
+    computed from the inputs' fake tensors (their ops run in the fake mode)."""
+    values = [a.meta.get("example_value") if hasattr(a, "meta") else a for a in args]
+    try:
+        with detect_fake_mode(values) or contextlib.nullcontext():  # factories (rand) must be fake too
+            node.meta["example_value"] = fn(*values)
+    except Exception:  # metadata only: the pass stays correct without it
+        node.meta.pop("example_value", None)
+
+
+def linear_then_block_dropout(x, weight, bias, p, block, dtype):
+    """block dropout of F.linear(x, weight, bias) in dtype, over the output flattened to (M, N);
+    the linear layer is the site's only matmul, so the mask is drawn inside."""
+    mask = draw_block_mask(x.numel() // x.shape[-1], weight.shape[0], p, block, device=x.device)
+    bias = None if bias is None else bias.to(dtype)
+    return linear_dropout_with_mask(x.to(dtype), weight.to(dtype), bias, mask)
+
+
+def _transposed(graph, match):
+    if not match.weight_transposed:
+        return match.weight
+    weight = graph.call_function(torch.t, (match.weight,))
+    _example_value(weight, torch.t, match.weight)
+    return weight
+
+
+def _replace(consumer, replacement):
+    for key in ("example_value", "stack_trace", "nn_module_stack"):
+        if key in consumer.meta:
+            replacement.meta[key] = consumer.meta[key]
+    consumer.replace_all_uses_with(replacement)
+    consumer.graph.erase_node(consumer)
+
+
+def rewrite_output_site(graph, site, block):
+    """Replace one decided output-side site: its matmul becomes linear_then_block_dropout, and
+    the dropout's users read what the dropout read (the same views and scalings, of the dropped
+    output)."""
+    dropout = site.node
+    dropout.replace_all_uses_with(dropout.args[0])
+    graph.erase_node(dropout)
+    (matmul, match), dtype = site.matches[0], site.matches[0][1].dtype
+    with graph.inserting_before(matmul):
+        args = (match.operand, _transposed(graph, match), match.bias, site.p, block, dtype)
+        _replace(matmul, graph.call_function(linear_then_block_dropout, args))
+
+
+def rewrite_site(graph, site, block, samples_per_group=8):
+    """Replace one decided site (site.rewritten) in graph, which holds site.node."""
+    if site.side == "output":
+        return rewrite_output_site(graph, site, block)
+    dropout = site.node
+    source = dropout.args[0]
+    consumers = [consumer for consumer, _ in site.matches]
+    operand = site.matches[0][1].operand
+    operand = source if operand is dropout else operand
+    dropout.replace_all_uses_with(source)
+    graph.erase_node(dropout)
+
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    batched, conv = site.matches[0][1].batched, site.matches[0][1].conv
+    with graph.inserting_before(min(consumers, key=order.__getitem__)):
+        mask_args = () if conv else _draw(graph, site, operand, block)
+
+    for consumer, match in site.matches:
+        with graph.inserting_before(consumer):
+            weight = _transposed(graph, match)
+            if conv:
+                args = (operand, weight, match.bias, conv, site.p, site.policy, samples_per_group, match.dtype)
+                replacement = graph.call_function(conv2d_under_channel_mask, args)
+            elif site.policy == "slice":
+                replacement = graph.call_function(
+                    linear_under_window, (operand, weight, match.bias, *mask_args, match.dtype)
+                )
+            elif batched:
+                replacement = graph.call_function(bmm_under_mask, (operand, weight, *mask_args, match.dtype))
+            else:
+                replacement = graph.call_function(
+                    linear_under_mask, (operand, weight, match.bias, *mask_args, match.dtype)
+                )
+        _replace(consumer, replacement)
+
+
+def _draw(graph, site, operand, block):
+    """The nodes drawing the site's mask, as the arguments its matmuls take after their operands."""
+    if site.policy == "slice":
+        window = graph.call_function(draw_site_window, (operand, site.p))
+        _example_value(window, draw_site_window, operand, site.p)
+        return window, site.p
+    draw = draw_batched_site_mask if site.matches[0][1].batched else draw_site_mask
+    mask = graph.call_function(draw, (operand, site.p, block))
+    _example_value(mask, draw, operand, site.p, block)
+    kept, count = (graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
+    for i, node in enumerate((kept, count)):
+        node.meta["example_value"] = (mask.meta.get("example_value") or (None, None))[i]
+    return kept, count, site.p, block
+
+
+def rewrite(gm, sites, block, samples_per_group=8):
+    """Apply every site marked rewritten; returns how many were applied. block: the tile of the
+    matmul sites; samples_per_group: the sample groups of a block-policy conv2d site."""
+    applied = [site for site in sites if site.rewritten]
+    graphs = {id(site.node.graph): site.node.graph for site in applied}  # gm's, or a checkpointed body's
+    for site in applied:
+        rewrite_site(site.node.graph, site, block, samples_per_group)
+    for graph in graphs.values():
+        graph.lint()
+        graph.owning_module.recompile()
+    return len(applied)

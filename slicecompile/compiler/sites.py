@@ -1,0 +1,322 @@
+"""Find dropout → matmul (and dropout → conv2d) sites in a Dynamo FX graph and decide which ones to rewrite.
+
+Detection only, no mutation: `find_sites` returns one `Site` per dropout node, rewritten or
+skipped with a reason, so `explain()` and the backend share one set of decisions. A site is
+a dropout (training, constant 0 < p < 1) whose users all reach the *input* operand of a
+matmul against a 2-D weight, possibly through views and scalings by a number. The matmul kinds
+are the named rows of patterns.PATTERNS; rewrite.py turns a matched site into the block-dropout
+op. A conv2d takes the dropout directly (no view between), as channel-structured dropout
+(ops/dropout_conv2d.py). Sites inside activation checkpointing's subgraphs count too.
+"""
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+from ..ops.checks import SUPPORTED_DTYPES
+from .graphs import graph_modules
+from .patterns import (
+    arg_of,
+    describe,
+    is_dropout,
+    is_scaling,
+    is_view,
+    meta_value,
+    pattern_of,
+    shape_of,
+    view_source,
+)
+
+
+@dataclass
+class Site:
+    """One dropout in the graph and what the pass decided about it."""
+
+    name: str  # the dropout node
+    module: str  # module path of the dropout, "" for a functional call in the top-level forward
+    location: str  # file:line of the dropout call
+    p: float | None
+    consumer: str  # the matmul kind(s) (made the dropout's input, on the output side), or what rules it out
+    pattern: str | None  # the PATTERNS row that matched, if any
+    input_shape: tuple  # the dropout input's shape (dynamic sizes at their first-seen value)
+    dtype: str
+    device: str
+    gemms: tuple = ()  # (M, K, N) per consuming matmul
+    rewritten: bool = False
+    reason: str = ""
+    policy: str = "block"  # how the rewrite drops: "block" tiles or one "slice" window
+    side: str = "input"  # the dropped matrix: the matmul's "input" or its "output"
+    node: Node | None = field(default=None, repr=False)  # the dropout node, for rewrite.py
+    matches: list = field(default_factory=list, repr=False)  # (consumer node, Match), for rewrite.py
+
+    @property
+    def dense_flops(self):
+        """Forward + both backward GEMMs, dense."""
+        return sum(6 * m * k * n for m, k, n in self.gemms)
+
+    @property
+    def saved_flops(self):
+        """Expected FLOPs skipped: a fraction p of each of the three GEMMs."""
+        return round(self.p * self.dense_flops) if self.rewritten else 0
+
+
+def _consumers(dropout):
+    """(matmul node, pattern, operand) for every use, following views, and, if some use is not
+    a matmul input, (what uses it, why that rules the site out)."""
+    found, frontier = [], [dropout]
+    while frontier:
+        value = frontier.pop()
+        for user in value.users:
+            if (is_view(user) and user.args and user.args[0] is value) or is_scaling(user, value):
+                frontier.append(user)
+                continue
+            pattern, name = pattern_of(user), describe(user)
+            if pattern is None:
+                return found, (name, f"used by {name} (not a matmul input)")
+            operands = [i for i, arg in enumerate(user.args) if arg is value] + [
+                key for key, arg in user.kwargs.items() if arg is value
+            ]
+            if operands != [pattern.operand_index]:
+                return found, (name, f"used by {name} as another operand than its input")
+            found.append((user, pattern, value))
+    return found, None
+
+
+def _flag_reason(dropout, options):
+    """Why a dropout's own arguments rule it out, or None."""
+    p = arg_of(dropout, 1, "p", 0.5)
+    training = arg_of(dropout, 2, "training" if dropout.target is not torch.dropout else "train", True)
+    if training is not True:
+        return "eval mode (training=False)" if training is False else "training flag is not a constant"
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        return "p is not a constant"
+    if p == 0:
+        return "p = 0 (dropout is the identity)"
+    if not 0 < p < 1:
+        return f"p = {p} is outside (0, 1)"
+    if not options.enabled:
+        return "disabled by options"
+    if arg_of(dropout, 3, "inplace", False) is True:
+        source = dropout.args[0]
+        if source.op == "placeholder" or len(source.users) > 1:
+            return "in-place dropout whose input is read elsewhere"
+    return None
+
+
+def _operand_reason(operand, matches, options):
+    """Why the matched matmuls, whose (dropped or not) input is operand, rule the site out
+    (dtype, device, autocast, size), or None."""
+    if len({m.operand for _, m in matches}) > 1:
+        return "feeds matmuls through different views"
+    if len({m.batched for _, m in matches}) > 1:
+        return "feeds both batched and plain matmuls"
+    if any(m.conv for _, m in matches) and len(matches) > 1:
+        return "feeds a convolution and other layers"
+    x = meta_value(operand)
+    if x is None:
+        return "no shape information"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"unsupported dtype {x.dtype}"
+    if x.device.type not in ("cuda", "cpu"):
+        return f"unsupported device {x.device.type}"
+    for _, match in matches:
+        # Under autocast the matmul computes in its output's dtype; the rewrite casts the
+        # operands to it, as autocast would.
+        if match.dtype not in SUPPORTED_DTYPES:
+            return f"unsupported matmul dtype {match.dtype}"
+        if any(
+            t is not None and t.dtype not in SUPPORTED_DTYPES
+            for t in (meta_value(match.weight), meta_value(match.bias))
+        ):
+            return "unsupported weight or bias dtype"
+        if (
+            isinstance(match.bias, Node)
+            and meta_value(match.bias) is not None
+            and shape_of(match.bias) != match.gemm[2:]
+        ):
+            return "bias is not a vector of out_features"
+    size = sum(m * k * n for m, k, n in (match.gemm for _, match in matches))
+    if size < options.min_gemm_size:
+        return f"GEMM too small (M*K*N = {size} < min_gemm_size = {options.min_gemm_size})"
+    return None
+
+
+def _policy(site, options):
+    """The site's policy: options.policy, except that batched matmuls always take block tiles
+    (a slice window is defined for linear layers)."""
+    batched = any(match.batched for _, match in site.matches)
+    return "block" if batched else options.policy
+
+
+def _policy_reason(site):
+    conv = any(match.conv for _, match in site.matches)
+    features = meta_value(site.node.args[0]).shape[1 if conv else -1]
+    if site.policy == "slice" and isinstance(features, torch.SymInt):
+        return "slice policy needs a static number of input features"
+    return None
+
+
+def _site(dropout):
+    x = meta_value(dropout.args[0])
+    p = arg_of(dropout, 1, "p", 0.5)
+    return Site(
+        name=dropout.name,
+        module=_module_path(dropout),
+        location=_location(dropout),
+        p=float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else None,
+        consumer="",
+        pattern=None,
+        input_shape=shape_of(dropout.args[0]),
+        dtype=str(x.dtype).replace("torch.", "") if x is not None else "?",
+        device=x.device.type if x is not None else "?",
+        node=dropout,
+    )
+
+
+def _finish(site, operand, options):
+    site.gemms = tuple(match.gemm for _, match in site.matches)
+    site.reason = site.reason or _operand_reason(operand, site.matches, options) or _policy_reason(site)
+    site.rewritten = not site.reason
+    site.reason = site.reason or "rewritten"
+    return site
+
+
+def _input_side(dropout, options):
+    """The Site of dropout → matmul(s), and whether every use of the dropout is a matmul input."""
+    site = _site(dropout)
+    consumers, blocker = _consumers(dropout)
+    site.consumer = blocker[0] if blocker else "+".join(describe(node) for node, _, _ in consumers)
+    site.reason = _flag_reason(dropout, options) or (blocker[1] if blocker else None)
+    if not consumers and not site.reason:
+        site.reason = "result unused"
+    if not site.reason and not options.input_side:
+        site.reason = "input side turned off (input_side=False)"
+    for node, pattern, operand in consumers:
+        site.pattern = site.pattern or pattern.name
+        match = pattern.match(node, operand)
+        if isinstance(match, str):
+            site.pattern, site.reason = pattern.name, site.reason or match
+            break
+        out = meta_value(node)
+        site.matches.append((node, match._replace(dtype=None if out is None else out.dtype)))
+        site.pattern = "dropout_bmm" if match.batched else site.pattern
+    site.policy = _policy(site, options)
+    return _finish(site, dropout.args[0], options), bool(consumers) and blocker is None
+
+
+def _producer(dropout):
+    """The node whose output alone reaches the dropout, through views and scalings by a number
+    that nothing else reads, or (the node that is read elsewhere, why)."""
+    node = dropout.args[0]
+    while isinstance(node, Node):
+        if len(node.users) > 1:
+            return node, f"the {describe(node)} before the dropout is read elsewhere too"
+        source = view_source(node)
+        if source is None:
+            return node, None
+        node = source
+    return None, "no input node"
+
+
+def _output_side(dropout, options):
+    """The Site of matmul → dropout (block tiles of the matmul's output), or None when neither a
+    matmul nor one op applied to a matmul's output made the dropout's input."""
+    site = _site(dropout)
+    site.side, site.policy = "output", "block"
+    producer, site.reason = _producer(dropout)
+    pattern = pattern_of(producer) if producer is not None else None
+    if pattern is None:
+        made_by = producer.args[0] if site.reason is None and producer.args else None
+        if not (isinstance(made_by, Node) and pattern_of(made_by)):
+            return None
+        site.consumer = describe(made_by)
+        site.reason = _flag_reason(dropout, options) or (
+            f"{describe(producer)} between {describe(made_by)} and the dropout (not fused)"
+        )
+        return _finish(site, None, options)
+    site.consumer, site.pattern = describe(producer), pattern.name.replace("dropout_", "") + "_dropout"
+    x = producer.args[pattern.operand_index] if len(producer.args) > pattern.operand_index else None
+    if pattern.name == "dropout_conv2d":
+        match = "conv2d before the dropout (the output side covers linear layers)"
+    else:
+        match = pattern.match(producer, x) if isinstance(x, Node) else "no input operand"
+    if not isinstance(match, str) and match.batched:
+        match = "batched matmul before the dropout (the output side covers linear layers)"
+    if isinstance(match, str):
+        site.reason = _flag_reason(dropout, options) or site.reason or match
+        return _finish(site, None, options)
+    out = meta_value(producer)
+    site.matches = [(producer, match._replace(dtype=None if out is None else out.dtype))]
+    site.reason = _flag_reason(dropout, options) or site.reason
+    if not site.reason and not options.output_side:
+        site.reason = "output side turned off (output_side=False)"
+    return _finish(site, x, options)
+
+
+def decide(dropout, options):
+    """The Site record for one dropout node: rewritten=True means rewrite.py may apply it. The
+    input side (dropout → matmul) is tried first; the output side (matmul → dropout) when that
+    fails. A site that fits both (linear → dropout → linear) is an input-side site."""
+    inputs, feeds_matmuls = _input_side(dropout, options)
+    if inputs.rewritten:
+        return inputs
+    outputs = _output_side(dropout, options)
+    if outputs is not None and (outputs.rewritten or not feeds_matmuls):
+        return outputs
+    return inputs
+
+
+def find_sites(gm, options):
+    """Every dropout in gm and in its higher-order ops' subgraphs, each with the pass's decision
+    (no mutation). Those inside activation checkpointing are decided like any other; those inside
+    other higher-order ops (control flow, ...) are listed as skipped."""
+    sites = []
+    for sub, reason in graph_modules(gm):
+        for node in filter(is_dropout, sub.graph.nodes):
+            site = decide(node, options)
+            if reason:
+                site.rewritten, site.matches, site.reason = False, [], f"{reason}: not supported"
+            sites.append(site)
+    return _one_side_per_matmul(sites)
+
+
+def _one_side_per_matmul(sites):
+    """A matmul with a rewritten site on each side (linear → ReLU → dropout → linear → dropout)
+    keeps its input side: the ops drop one side of a matmul."""
+    fed = {node: site for site in sites if site.rewritten and site.side == "input" for node, _ in site.matches}
+    for site in sites:
+        if site.rewritten and site.side == "output" and site.matches[0][0] in fed:
+            by = fed[site.matches[0][0]]
+            where = " ".join(part for part in (by.module, f"({by.location})" if by.location else "") if part)
+            site.rewritten, site.matches, site.gemms = False, [], ()
+            site.reason = (
+                f"the {site.consumer}'s input is block-dropped already by {where or by.name}: one side per matmul"
+            )
+    return sites
+
+
+def _module_path(node):
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]  # e.g. "L['self'].layers[0].dropout"
+    path = re.sub(r"^[LG]\['[^']*'\]", "", path)  # the frame's local or global the module came from
+    return re.sub(r"\['?([^'\]]*)'?\]", r".\1", path).replace("_modules.", "").strip(".")
+
+
+TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _location(node):
+    """file:line of the innermost user frame that made the node (torch's own frames, such as
+    a default-device context's, are skipped)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    user = [(path, line) for path, line in frames if not path.startswith(TORCH_DIR)]
+    if not user:
+        return ""
+    path, line = user[-1]
+    return f"{os.path.basename(path)}:{line}"

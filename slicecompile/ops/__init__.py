@@ -1,0 +1,32 @@
+"""The ops layer: each public op with its autograd, its masks, dense references and argument
+checks. Data flows down to slicecompile.kernels; nothing here knows about the compiler."""
+
+from .dropout_bmm import dropout_bmm_reference, dropout_bmm_with_mask
+from .dropout_conv2d import ChannelMask, draw_channel_mask, dropout_conv2d, dropout_conv2d_with_mask
+from .input_dropout_linear import dropout_linear, dropout_linear_with_mask
+from .masks import DEFAULT_BLOCK, BlockMask, draw_block_mask
+from .output_dropout_linear import linear_dropout, linear_dropout_with_mask
+from .reference import dropout_linear_reference, linear_dropout_reference
+from .slice_dropout_linear import SliceWindow, draw_slice_window, slice_dropout_linear, slice_dropout_linear_with_window
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "BlockMask",
+    "ChannelMask",
+    "SliceWindow",
+    "draw_block_mask",
+    "draw_channel_mask",
+    "draw_slice_window",
+    "dropout_bmm_reference",
+    "dropout_bmm_with_mask",
+    "dropout_conv2d",
+    "dropout_conv2d_with_mask",
+    "dropout_linear",
+    "dropout_linear_reference",
+    "dropout_linear_with_mask",
+    "linear_dropout",
+    "linear_dropout_reference",
+    "linear_dropout_with_mask",
+    "slice_dropout_linear",
+    "slice_dropout_linear_with_window",
+]

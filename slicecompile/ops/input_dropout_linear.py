@@ -1,0 +1,165 @@
+"""dropout_linear: F.linear on block-dropped input, as torch.library custom ops.
+
+Three ops, one per GEMM: the forward (block-sparse X times Wᵀ), the input gradient (only
+kept tiles of dY·W computed, zeros elsewhere) and the weight gradient (dropped tiles skipped
+in the reduction). They are triton_ops: torch.compile traces them with no graph break,
+AOTAutograd sees the backward, and Inductor launches the kernels from its compiled code
+rather than through a Python op call. The mask is drawn outside the ops by plain torch code,
+so the ops themselves are deterministic and a recomputation can reuse a saved mask.
+Backward saves weight, the tiny tile index and a compact copy of x's kept tiles (about
+(1 - p) of x, made by the forward op), never x itself or an element-wise mask.
+
+CUDA tensors run the Triton kernels; CPU tensors run the dense reference (the same
+definition, element by element), or the kernels through Triton's interpreter when
+TRITON_INTERPRET=1.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels import sparse_input_matmul, sparse_output_matmul, tile_copy
+from . import dispatch, masks, reference
+from .checks import check_block, check_linear_operands, check_mask_fits, check_p
+from .dispatch import allow_tf32
+from .masks import (
+    DEFAULT_BLOCK,
+    BlockMask,
+    column_index,
+    draw_block_mask,
+    dropout_scale,
+    expand_tiles,
+    mask_of,
+    max_count,
+)
+from .slice_dropout_linear import slice_dropout_linear
+
+
+@torch.library.triton_op("slicecompile::block_dropout_linear", mutates_args=())
+def block_dropout_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
+) -> tuple[Tensor, Tensor]:
+    """(x ⊙ mask) @ weightᵀ / (1 - p) + bias for 2-D x (M, K); the mask is (kept, count).
+    Also returns x's kept tiles gathered compactly (masks.gather_tiles), for backward."""
+    mask = mask_of(kept, count, x.shape, block_m, block_k, p)
+    slots = max_count(kept.shape[1], p)
+    if not dispatch.use_kernels(x):
+        compact = masks.gather_tiles(x, kept, mask.block, slots)
+        return reference.forward(x, weight, bias, mask.elements(), mask.scale), compact
+    compact = tile_copy.gather_tiles(x, kept, mask.block, slots)
+    y = sparse_input_matmul(x, weight.t(), kept, count, mask.block, mask.scale, bias=bias, allow_tf32=allow_tf32())
+    return y, compact
+
+
+@torch.library.triton_op("slicecompile::block_dropout_linear_grad_input", mutates_args=())
+def block_dropout_linear_grad_input(
+    grad_out: Tensor, weight: Tensor, tiles: Tensor, block_m: int, block_k: int, p: float
+) -> Tensor:
+    """(grad_out @ weight) ⊙ mask / (1 - p), shape (M, K); the mask is the tile table."""
+    block = (block_m, block_k)
+    if not dispatch.use_kernels(grad_out):
+        elements = expand_tiles(tiles, block, (grad_out.shape[0], weight.shape[1]))
+        return reference.grad_input(grad_out, weight, elements, dropout_scale(p))
+    return sparse_output_matmul(grad_out, weight, tiles, block, dropout_scale(p), allow_tf32=allow_tf32())
+
+
+@torch.library.triton_op("slicecompile::block_dropout_linear_grad_weight", mutates_args=())
+def block_dropout_linear_grad_weight(
+    grad_out: Tensor,
+    x: Tensor,
+    tiles: Tensor,
+    col_rows: Tensor,
+    col_count: Tensor,
+    block_m: int,
+    block_k: int,
+    p: float,
+) -> Tensor:
+    """grad_outᵀ @ (x ⊙ mask) / (1 - p), shape (N, K); the mask is the tile table and its
+    column index (masks.column_index)."""
+    if not dispatch.use_kernels(x):
+        elements = expand_tiles(tiles, (block_m, block_k), x.shape)
+        return reference.grad_weight(grad_out, x, elements, dropout_scale(p))
+    # dWᵀ = (x ⊙ mask)ᵀ @ dY: the same block-sparse-input GEMM over the mask's columns.
+    grad_weight = torch.empty(grad_out.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
+    sparse_input_matmul(
+        x.t(),
+        grad_out,
+        col_rows,
+        col_count,
+        (block_k, block_m),
+        dropout_scale(p),
+        out=grad_weight.t(),
+        allow_tf32=allow_tf32(),
+    )
+    return grad_weight
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, kept, count, block_m, block_k, p = inputs
+    ctx.save_for_backward(output[1], weight, kept, count)
+    ctx.mask_args = (block_m, block_k, p)
+    ctx.x_shape = x.shape
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out, _grad_compact):
+    """The tile table and its column index are derived here in plain torch ops, which
+    torch.compile traces and fuses; the GEMMs are ops of their own."""
+    compact, weight, kept, count = ctx.saved_tensors
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        tiles = mask_of(kept, count, ctx.x_shape, *ctx.mask_args).tiles()
+    if ctx.needs_input_grad[0]:
+        grad_x = block_dropout_linear_grad_input(grad_out, weight, tiles.to(torch.uint8), *ctx.mask_args)
+    if ctx.needs_input_grad[1]:
+        x = _kept_tiles_in_place(compact, kept, ctx.mask_args[:2], ctx.x_shape)
+        grad_weight = block_dropout_linear_grad_weight(grad_out, x, tiles, *column_index(tiles), *ctx.mask_args)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = reference.grad_bias(grad_out)
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _kept_tiles_in_place(compact, kept, block, shape):
+    """x's kept tiles back in an (M, K) matrix; the kernels never read its dropped tiles, so on a
+    GPU they are left unset."""
+    if not dispatch.use_kernels(compact):
+        return masks.scatter_tiles(compact, kept, block, shape)
+    return tile_copy.scatter_tiles(compact, kept, block, compact.new_empty(shape))
+
+
+block_dropout_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+POLICIES = ("block", "slice")
+
+
+def dropout_linear(x, weight, bias=None, p=0.5, block=DEFAULT_BLOCK, training=True, policy="block"):
+    """F.linear(block_dropout(x), weight, bias): whole (BM, BK) tiles of x, flattened to
+    (rows, in_features), are kept or dropped, every block-row keeping the same number of
+    tiles; kept values are scaled by 1 / (1 - p). With training=False or p=0 this is
+    exactly F.linear(x, weight, bias). p must be in [0, 1). policy="slice" keeps one
+    contiguous window of features for every row instead (slice_dropout_linear; block unused)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; known policies: {', '.join(POLICIES)}")
+    if policy == "slice":
+        return slice_dropout_linear(x, weight, bias, p=p, training=training)
+    x, weight, bias = check_linear_operands(x, weight, bias)
+    check_p(p)
+    block = check_block(block)
+    if not training or p == 0:
+        return F.linear(x, weight, bias)
+    in_features = x.shape[-1]
+    mask = draw_block_mask(x.numel() // in_features, in_features, p, block, device=x.device)
+    return _under_mask(x, weight, bias, mask)
+
+
+def dropout_linear_with_mask(x, weight, bias, mask: BlockMask):
+    """dropout_linear under an explicit mask (from draw_block_mask over x flattened to 2-D)."""
+    x, weight, bias = check_linear_operands(x, weight, bias)
+    check_mask_fits(mask, (x.numel() // x.shape[-1], x.shape[-1]), x.device)
+    return _under_mask(x, weight, bias, mask)
+
+
+def _under_mask(x, weight, bias, mask):
+    y, _ = block_dropout_linear(x.reshape(-1, x.shape[-1]), weight, bias, mask.kept, mask.count, *mask.block, mask.p)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
