@@ -4,6 +4,8 @@ Masked-GEMM primitives, each usable in several roles by permuting operands:
 - sparse_input_matmul: block-sparse A @ dense B -> dense C (skips dropped K-tiles);
 - sparse_output_matmul: dense A @ dense B -> only the kept tiles of C (zeros elsewhere);
 - tile_copy: a mask's kept tiles into a compact copy and back.
+masked_matmul holds the launch path the two GEMMs share, tiling the device helpers, runtime
+autotuning, the interpreter's limits and the TMA checks.
 Nothing here imports slicecompile.
 """
 
@@ -19,10 +21,10 @@ def autotuners():
     """The autotuned kernels by name (none under the interpreter); each one's .cache maps a
     tuning key to the config it chose."""
     tuners = {
-        "sparse_input_matmul": _dsd._tuned,
-        "sparse_input_matmul (tma)": _dsd._tuned_tma,
-        "sparse_output_matmul": _sdd._tuned,
-        "sparse_output_matmul (tma)": _sdd._tuned_tma,
+        "sparse_input_matmul": _dsd.MATMUL.tuned[False],
+        "sparse_input_matmul (tma)": _dsd.MATMUL.tuned[True],
+        "sparse_output_matmul": _sdd.MATMUL.tuned[False],
+        "sparse_output_matmul (tma)": _sdd.MATMUL.tuned[True],
     }
     return {name: tuner for name, tuner in tuners.items() if tuner is not None}
 

@@ -1,5 +1,5 @@
-"""What every launcher needs: operand checks, the CPU interpreter's dtype limits, autotuning,
-launch grids, and whether operands can be read by the tensor memory accelerator."""
+"""What every launcher needs: the CPU interpreter's dtype limits, autotuning, launch grids, and
+whether operands can be read by the tensor memory accelerator."""
 
 import contextlib
 import functools
@@ -22,23 +22,6 @@ def traceable(kernel):
     and Inductor can launch it from compiled code; called outside tracing, it simply runs.
     The interpreter's kernels cannot be wrapped: they are launched directly."""
     return kernel if interpreting() else torch.library.wrap_triton(kernel)
-
-
-def check_matmul_operands(a, b):
-    """a (M, K) @ b (K, N): 2-D, one floating dtype, one device."""
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-    if a.dtype != b.dtype:
-        raise TypeError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
-    if a.shape[1] != b.shape[0]:
-        raise ValueError(f"inner sizes differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
 
 
 @contextlib.contextmanager
@@ -106,10 +89,7 @@ def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persisten
         config = dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
     if config is not None:
         config = dict(config)
-        if persistent:
-            config.setdefault("PERSISTENT", True)
-        else:
-            config.pop("PERSISTENT", None)
+        config["PERSISTENT"] = config.get("PERSISTENT", True) and persistent
         if any(side % config[name] for name, side in zip(tile_names, mask_block)):
             raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
     programs = _multiprocessors() if persistent and not interpreting() else None
@@ -143,10 +123,10 @@ def _properties_of(index):
 TMA_MIN_BLOCK = 128
 
 
-def kernel_operands(a, b, tma, mask_block):
-    """How the kernels read a (M, K) @ b (K, N): (use_tma, a_t, b_t, strides). a_t says a has
-    unit stride along M rather than K, b_t that b has it along K rather than N. The pointer
-    kernels take all four strides; the TMA kernels each operand's non-unit stride.
+def operand_layouts(a, b, tma, mask_block):
+    """How the kernels read a (M, K) @ b (K, N): (use_tma, a_t, b_t). a_t says a has unit stride
+    along M rather than K, b_t that b has it along K rather than N (the TMA kernels need one unit
+    stride per operand; the pointer kernels take any strides, and a_t, b_t only key their tuning).
     tma=None uses the tensor memory accelerator on GPUs that have it (compute capability 9.0
     and newer) for 16-bit operands; tma=True insists (ValueError when the operands cannot be
     read that way); False never uses it. The TMA kernels' tiles are 128 on a side (smaller ones
@@ -154,13 +134,12 @@ def kernel_operands(a, b, tma, mask_block):
     that. SLICECOMPILE_TMA=0 turns it off everywhere (the portable kernels then run on every GPU)."""
     layouts = _tma_layouts(a, b, tma, mask_block)
     if layouts is None:
-        return False, a.stride(0) == 1, b.stride(0) == 1, (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
-    a_t, b_t = layouts
-    return True, a_t, b_t, (a.stride(1 if a_t else 0), b.stride(1 if b_t else 0))
+        return False, a.stride(0) == 1, b.stride(0) == 1
+    return True, *layouts
 
 
 def _tma_layouts(a, b, tma, mask_block):
-    """(a_t, b_t) if the tensor memory accelerator reads the operands (see kernel_operands), else None."""
+    """(a_t, b_t) if the tensor memory accelerator reads the operands (see operand_layouts), else None."""
     if tma is False or os.environ.get("SLICECOMPILE_TMA", "1") == "0":
         return None
     layouts = [_unit_stride_dim(t) for t in (a, b)]
