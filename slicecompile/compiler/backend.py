@@ -13,6 +13,7 @@ import logging
 from dataclasses import replace
 
 import torch
+import torch._guards
 import torch._inductor.config
 from torch._dynamo.exc import RestartAnalysis, SkipFrame
 from torch._dynamo.utils import counters
@@ -48,11 +49,27 @@ def _inductor(gm, example_inputs, mode, inductor_options):
     return torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)(gm, example_inputs)
 
 
+# The sites (by Dynamo's frame and the dropout node's name) that some compile of this process
+# rewrote: a recompile of that frame (new shapes, a failed guard) that skips one of them warns.
+_REWRITTEN_BEFORE = set()
+
+
+def _frame():
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    return getattr(compile_id, "frame_id", None)
+
+
 def _log_sites(sites):
+    frame = _frame()
     for site in sites:
         where = " ".join(part for part in (site.module, site.location) if part) or site.name
-        level = logging.INFO if site.rewritten else logging.DEBUG
+        key = (frame, site.name, site.module, site.location)
         verdict = f"rewrote ({site.pattern})" if site.rewritten else f"skipped: {site.reason}"
+        level = logging.INFO if site.rewritten else logging.DEBUG
+        if site.rewritten:
+            _REWRITTEN_BEFORE.add(key)
+        elif key in _REWRITTEN_BEFORE and not site.requested:
+            level, verdict = logging.WARNING, f"rewritten by an earlier compile, now {verdict} (element dropout)"
         log.log(level, "dropout %s (p=%s, %s, gemms %s) %s", where, site.p, site.consumer, site.gemms, verdict)
 
 

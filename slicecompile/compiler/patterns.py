@@ -73,6 +73,15 @@ def hint(size):
     return int(size)
 
 
+def static_size(size):
+    """size as an int if it is static, or if the shape environment has pinned it to a constant
+    (a dynamic input's in_features, once F.linear has met a static weight), else None."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    expr = size.node.expr  # with the shape environment's replacements applied
+    return int(expr) if expr.is_number else None
+
+
 def shape_of(node):
     value = meta_value(node)
     return tuple(hint(s) for s in value.shape) if value is not None else ()

@@ -11,10 +11,12 @@ so the mask is drawn inside the compiled graph from torch's generator, with no h
 """
 
 import contextlib
+import logging
 import operator
 
 import torch
 from torch._guards import detect_fake_mode
+from torch.fx import Node
 
 from ..ops import (
     BlockMask,
@@ -26,6 +28,8 @@ from ..ops import (
 )
 from ..ops.dropout_bmm import draw_batched_block_mask, dropout_bmm_with_mask
 from ..ops.dropout_conv2d import dropout_conv2d
+
+log = logging.getLogger("slicecompile")
 
 
 def draw_site_mask(x, p, block):
@@ -104,44 +108,36 @@ def _transposed(graph, match):
     return weight
 
 
-def _replace(consumer, replacement):
+def _swap(old, new):
+    """Let new take old's place: its metadata, its users; old leaves the graph."""
     for key in ("example_value", "stack_trace", "nn_module_stack"):
-        if key in consumer.meta:
-            replacement.meta[key] = consumer.meta[key]
-    consumer.replace_all_uses_with(replacement)
-    consumer.graph.erase_node(consumer)
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
 
 
-def rewrite_output_site(graph, site, block):
-    """Replace one decided output-side site: its matmul becomes linear_then_block_dropout, and
-    the dropout's users read what the dropout read (the same views and scalings, of the dropped
-    output)."""
-    dropout = site.node
-    dropout.replace_all_uses_with(dropout.args[0])
-    graph.erase_node(dropout)
+def _output_replacements(graph, site, block):
+    """One output-side site's new node: its matmul becomes linear_then_block_dropout (the
+    dropout's users then read what the dropout read: the same views and scalings, of the
+    dropped output)."""
     (matmul, match), dtype = site.matches[0], site.matches[0][1].dtype
     with graph.inserting_before(matmul):
         args = (match.operand, _transposed(graph, match), match.bias, site.p, block, dtype)
-        _replace(matmul, graph.call_function(linear_then_block_dropout, args))
+        return [(matmul, graph.call_function(linear_then_block_dropout, args))]
 
 
-def rewrite_site(graph, site, block, samples_per_group=8):
-    """Replace one decided site (site.rewritten) in graph, which holds site.node."""
-    if site.side == "output":
-        return rewrite_output_site(graph, site, block)
+def _input_replacements(graph, site, block, samples_per_group):
+    """One input-side site's new nodes, each built before the matmul it replaces (where all its
+    inputs exist), the mask drawn before the first of them: [(matmul, its replacement)]."""
     dropout = site.node
-    source = dropout.args[0]
-    consumers = [consumer for consumer, _ in site.matches]
     operand = site.matches[0][1].operand
-    operand = source if operand is dropout else operand
-    dropout.replace_all_uses_with(source)
-    graph.erase_node(dropout)
-
+    operand = dropout.args[0] if operand is dropout else operand
     order = {node: index for index, node in enumerate(graph.nodes)}
     batched, conv = site.matches[0][1].batched, site.matches[0][1].conv
-    with graph.inserting_before(min(consumers, key=order.__getitem__)):
+    with graph.inserting_before(min((consumer for consumer, _ in site.matches), key=order.__getitem__)):
         mask_args = () if conv else _draw(graph, site, operand, block)
-
+    replacements = []
     for consumer, match in site.matches:
         with graph.inserting_before(consumer):
             weight = _transposed(graph, match)
@@ -158,7 +154,29 @@ def rewrite_site(graph, site, block, samples_per_group=8):
                 replacement = graph.call_function(
                     linear_under_mask, (operand, weight, match.bias, *mask_args, match.dtype)
                 )
-        _replace(consumer, replacement)
+        replacements.append((consumer, replacement))
+    return replacements
+
+
+def rewrite_site(graph, site, block, samples_per_group=8):
+    """Replace one decided site (site.rewritten) in graph, which holds site.node; returns
+    {replaced node: its replacement}. All new nodes are built first: if that fails, they are
+    removed again and the graph is as it was."""
+    before = set(graph.nodes)
+    try:
+        if site.side == "output":
+            replacements = _output_replacements(graph, site, block)
+        else:
+            replacements = _input_replacements(graph, site, block, samples_per_group)
+    except Exception:
+        for node in reversed([node for node in graph.nodes if node not in before]):
+            graph.erase_node(node)
+        raise
+    for old, new in replacements:
+        _swap(old, new)
+    site.node.replace_all_uses_with(site.node.args[0])  # its users read the dropped result now
+    graph.erase_node(site.node)
+    return dict(replacements)
 
 
 def _draw(graph, site, operand, block):
@@ -176,14 +194,35 @@ def _draw(graph, site, operand, block):
     return kept, count, site.p, block
 
 
+def _resolved(site, replaced):
+    """site with the nodes its matches name updated for the sites rewritten before it (a
+    rewritten matmul may be another site's operand: attention's P @ V before its projection)."""
+    now = lambda node: replaced.get(node, node) if isinstance(node, Node) else node  # noqa: E731
+    site.matches = [
+        (now(node), match._replace(operand=now(match.operand), weight=now(match.weight), bias=now(match.bias)))
+        for node, match in site.matches
+    ]
+    return site
+
+
 def rewrite(gm, sites, block, samples_per_group=8):
-    """Apply every site marked rewritten; returns how many were applied. block: the tile of the
-    matmul sites; samples_per_group: the sample groups of a block-policy conv2d site."""
-    applied = [site for site in sites if site.rewritten]
-    graphs = {id(site.node.graph): site.node.graph for site in applied}  # gm's, or a checkpointed body's
-    for site in applied:
-        rewrite_site(site.node.graph, site, block, samples_per_group)
+    """Apply every site marked rewritten, in graph order; returns how many were applied. A site
+    whose rewrite fails is left as it was, marked skipped with the reason, and logged. block:
+    the tile of the matmul sites; samples_per_group: the sample groups of a block-policy conv2d
+    site."""
+    replaced, graphs, applied = {}, {}, 0
+    for site in (site for site in sites if site.rewritten):
+        graph = site.node.graph  # gm's, or a checkpointed body's
+        try:
+            replaced |= rewrite_site(graph, _resolved(site, replaced), block, samples_per_group)
+        except Exception as error:
+            log.warning("slicecompile: rewriting dropout %s failed; it stays as it was", site.name, exc_info=True)
+            site.rewritten, site.matches = False, []
+            site.reason = f"the rewrite failed: {type(error).__name__}: {error}"
+            continue
+        graphs[id(graph)] = graph
+        applied += 1
     for graph in graphs.values():
         graph.lint()
         graph.owning_module.recompile()
-    return len(applied)
+    return applied

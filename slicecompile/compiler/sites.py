@@ -27,8 +27,17 @@ from .patterns import (
     meta_value,
     pattern_of,
     shape_of,
+    static_size,
     view_source,
 )
+
+# Skips the user asked for (by the call or the options), as opposed to what the pass cannot do.
+EVAL_MODE = "eval mode (training=False)"
+IDENTITY = "p = 0 (dropout is the identity)"
+DISABLED = "disabled by options"
+INPUT_SIDE_OFF = "input side turned off (input_side=False)"
+OUTPUT_SIDE_OFF = "output side turned off (output_side=False)"
+REQUESTED = frozenset({EVAL_MODE, IDENTITY, DISABLED, INPUT_SIDE_OFF, OUTPUT_SIDE_OFF})
 
 
 @dataclass
@@ -51,6 +60,11 @@ class Site:
     side: str = "input"  # the dropped matrix: the matmul's "input" or its "output"
     node: Node | None = field(default=None, repr=False)  # the dropout node, for rewrite.py
     matches: list = field(default_factory=list, repr=False)  # (consumer node, Match), for rewrite.py
+
+    @property
+    def requested(self):
+        """Skipped because the call or the options asked for it (eval mode, p = 0, a side off)."""
+        return self.reason in REQUESTED
 
     @property
     def dense_flops(self):
@@ -90,15 +104,15 @@ def _flag_reason(dropout, options):
     p = arg_of(dropout, 1, "p", 0.5)
     training = arg_of(dropout, 2, "training" if dropout.target is not torch.dropout else "train", True)
     if training is not True:
-        return "eval mode (training=False)" if training is False else "training flag is not a constant"
+        return EVAL_MODE if training is False else "training flag is not a constant"
     if isinstance(p, bool) or not isinstance(p, (int, float)):
         return "p is not a constant"
     if p == 0:
-        return "p = 0 (dropout is the identity)"
+        return IDENTITY
     if not 0 < p < 1:
         return f"p = {p} is outside (0, 1)"
     if not options.enabled:
-        return "disabled by options"
+        return DISABLED
     if arg_of(dropout, 3, "inplace", False) is True:
         source = dropout.args[0]
         if source.op == "placeholder" or len(source.users) > 1:
@@ -154,7 +168,7 @@ def _policy(site, options):
 def _policy_reason(site):
     conv = any(match.conv for _, match in site.matches)
     features = meta_value(site.node.args[0]).shape[1 if conv else -1]
-    if site.policy == "slice" and isinstance(features, torch.SymInt):
+    if site.policy == "slice" and static_size(features) is None:
         return "slice policy needs a static number of input features"
     return None
 
@@ -193,7 +207,7 @@ def _input_side(dropout, options):
     if not consumers and not site.reason:
         site.reason = "result unused"
     if not site.reason and not options.input_side:
-        site.reason = "input side turned off (input_side=False)"
+        site.reason = INPUT_SIDE_OFF
     for node, pattern, operand in consumers:
         site.pattern = site.pattern or pattern.name
         match = pattern.match(node, operand)
@@ -252,7 +266,7 @@ def _output_side(dropout, options):
     site.matches = [(producer, match._replace(dtype=None if out is None else out.dtype))]
     site.reason = _flag_reason(dropout, options) or site.reason
     if not site.reason and not options.output_side:
-        site.reason = "output side turned off (output_side=False)"
+        site.reason = OUTPUT_SIDE_OFF
     return _finish(site, x, options)
 
 
