@@ -1,4 +1,4 @@
-"""Timing helpers for the demo and the benchmarks: median wall time of a callable (CUDA events
+"""Timing helpers for the benchmarks: median wall time of a callable (CUDA events
 through triton's do_bench on a GPU, perf_counter on a CPU), and the GPU kernel time of a step."""
 
 import statistics
