@@ -12,6 +12,7 @@ so the mask is drawn inside the compiled graph from torch's generator, with no h
 
 import contextlib
 import logging
+import math
 import operator
 
 import torch
@@ -28,6 +29,7 @@ from ..ops import (
 )
 from ..ops.dropout_bmm import draw_batched_block_mask, dropout_bmm_with_mask
 from ..ops.dropout_conv2d import dropout_conv2d
+from ..ops.masks import flattened_rows
 
 log = logging.getLogger("slicecompile")
 
@@ -36,28 +38,28 @@ def draw_site_mask(x, p, block):
     """One mask over x flattened to (M, K); every matmul of the site shares it, as they would
     share an element-wise dropout's mask."""
     in_features = x.shape[-1]
-    mask = draw_block_mask(x.numel() // in_features, in_features, p, block, device=x.device)
+    mask = draw_block_mask(flattened_rows(x), in_features, p, block, device=x.device)
     return mask.kept, mask.count
 
 
 def draw_batched_site_mask(a, p, block):
     """One mask per (M, K) matrix of a (..., M, K), for a batched matmul."""
     m, k = a.shape[-2:]
-    mask = draw_batched_block_mask(a.numel() // (m * k), m, k, p, block, device=a.device)
+    mask = draw_batched_block_mask(math.prod(a.shape[:-2]), m, k, p, block, device=a.device)
     return mask.kept, mask.count
 
 
 def bmm_under_mask(a, b, kept, count, p, block, dtype):
     """a @ b (same batch dims) in dtype, with a block-dropped by the batched mask (kept, count)."""
     m, k = a.shape[-2:]
-    rows = a.numel() // (m * k) * -(-m // block[0]) * block[0]
+    rows = math.prod(a.shape[:-2]) * -(-m // block[0]) * block[0]
     return dropout_bmm_with_mask(a.to(dtype), b.to(dtype), BlockMask(kept, count, (rows, k), tuple(block), p))
 
 
 def linear_under_mask(x, weight, bias, kept, count, p, block, dtype):
     """F.linear(x, weight, bias) in dtype, with x block-dropped by the mask (kept, count)."""
     in_features = x.shape[-1]
-    mask = BlockMask(kept, count, (x.numel() // in_features, in_features), tuple(block), p)
+    mask = BlockMask(kept, count, (flattened_rows(x), in_features), tuple(block), p)
     bias = None if bias is None else bias.to(dtype)
     return dropout_linear_with_mask(x.to(dtype), weight.to(dtype), bias, mask)
 
@@ -95,7 +97,7 @@ def _example_value(node, fn, *args):
 def linear_then_block_dropout(x, weight, bias, p, block, dtype):
     """block dropout of F.linear(x, weight, bias) in dtype, over the output flattened to (M, N);
     the linear layer is the site's only matmul, so the mask is drawn inside."""
-    mask = draw_block_mask(x.numel() // x.shape[-1], weight.shape[0], p, block, device=x.device)
+    mask = draw_block_mask(flattened_rows(x), weight.shape[0], p, block, device=x.device)
     bias = None if bias is None else bias.to(dtype)
     return linear_dropout_with_mask(x.to(dtype), weight.to(dtype), bias, mask)
 

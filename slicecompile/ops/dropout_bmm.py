@@ -12,6 +12,7 @@ Backward saves A, B and the tile index, never an element-wise mask.
 import torch
 from torch import Tensor
 
+from .checks import check_type
 from .masks import BlockMask, draw_block_mask
 
 
@@ -28,9 +29,9 @@ def draw_batched_block_mask(batch, m, k, p, block, device=None):
 def batched_elements(kept, count, shape, block, p):
     """(batch, M, K) bool element-wise mask of a batched BlockMask, for the op and references."""
     batch, m, k = shape
-    rows = batch * _block_rows(m, block[0])
-    tiles = BlockMask(kept, count, (rows * block[0], k), tuple(block), p).tiles()
-    full = tiles.reshape(batch, rows // batch, -1).repeat_interleave(block[0], 1).repeat_interleave(block[1], 2)
+    rows = _block_rows(m, block[0])
+    tiles = BlockMask(kept, count, (batch * rows * block[0], k), tuple(block), p).tiles()
+    full = tiles.reshape(batch, rows, tiles.shape[1]).repeat_interleave(block[0], 1).repeat_interleave(block[1], 2)
     return full[:, :m, :k]
 
 
@@ -85,16 +86,43 @@ block_dropout_bmm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dropout_bmm_with_mask(a, b, mask):
-    """a (..., M, K) @ b (..., K, N), same batch dims, under a mask from draw_batched_block_mask."""
+    """a (..., M, K) @ b (..., K, N), same batch dims, under a mask from draw_batched_block_mask.
+    Empty operands give what torch.matmul gives."""
+    _check_bmm_operands(a, b, mask)
     batch = a.shape[:-2]
-    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    a3, b3 = a.reshape(batch.numel(), *a.shape[-2:]), b.reshape(batch.numel(), *b.shape[-2:])
     y = block_dropout_bmm(a3, b3, mask.kept, mask.count, *mask.block, mask.p)
     return y.reshape(*batch, a.shape[-2], b.shape[-1])
 
 
+def _check_bmm_operands(a, b, mask):
+    for name, t in (("a", a), ("b", b)):
+        check_type(name, t, torch.Tensor)
+        if t.dim() < 3:
+            raise ValueError(f"{name} must have batch dimensions: (..., rows, cols), got shape {tuple(t.shape)}")
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"a and b must share their batch dimensions, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"a has {a.shape[-1]} columns but b has {b.shape[-2]} rows")
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
+    check_type("mask", mask, BlockMask)
+    m, k = a.shape[-2:]
+    rows = a.shape[:-2].numel() * _block_rows(m, mask.block[0]) * mask.block[0]
+    if tuple(mask.shape) != (rows, k):
+        raise ValueError(
+            f"the mask covers {tuple(mask.shape)} but a's matrices ({a.shape[:-2].numel()} of ({m}, {k})) "
+            f"stack to ({rows}, {k}) (draw_batched_block_mask)"
+        )
+    if mask.kept.device != a.device:
+        raise ValueError(f"the mask is on {mask.kept.device} but a is on {a.device}")
+
+
 def dropout_bmm_reference(a, b, mask):
     """The element-wise definition, differentiable by autograd."""
-    a3 = a.reshape(-1, *a.shape[-2:])
+    a3 = a.reshape(a.shape[:-2].numel(), *a.shape[-2:])
     elements = batched_elements(mask.kept, mask.count, a3.shape, mask.block, mask.p)
     masked = (a3 * elements.to(a.dtype) * mask.scale).reshape(a.shape)
     return masked @ b

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checks import check_operands, check_p
+from . import dispatch
+from .checks import check_operands, check_p, check_size, check_type
 
 POLICIES = ("block", "slice")
 
@@ -73,9 +74,9 @@ class ChannelMask:
 
 def draw_channel_mask(batch, channels, p, policy="block", block_channels=16, samples_per_group=8, device=None):
     """A ChannelMask over x of shape (batch, channels, ...), dropping each (sample, channel)
-    with probability p (0 <= p < 1)."""
-    for name, value in (("batch", batch), ("channels", channels)):
-        _check_positive_int(name, value)
+    with probability p (0 <= p < 1). No samples or no channels give a mask of no channels."""
+    check_size("batch", batch)
+    check_size("channels", channels)
     check_p(p)
     _check_settings(policy, block_channels, samples_per_group)
     if policy == "slice":
@@ -84,12 +85,12 @@ def draw_channel_mask(batch, channels, p, policy="block", block_channels=16, sam
 
 
 def _draw_blocks(batch, channels, p, block_channels, samples_per_group, device):
-    group_size = min(samples_per_group, batch)
+    group_size = _max(_min(samples_per_group, batch), 1)  # an empty batch: one group of no samples
     groups, blocks = -(-batch // group_size), -(-channels // block_channels)
     expected = (1.0 - p) * blocks
     whole = math.floor(expected)
     fraction = expected - whole
-    slots = whole + (fraction > 0)  # the static maximum of count; >= 1 since p < 1
+    slots = whole + (fraction > 0)  # the static maximum of count; >= 1 since p < 1, unless no channels
     # One draw per mask: a compiler may run independent draws in any order.
     uniform = torch.rand(groups * blocks + 1, device=device)
     count = whole + (uniform[-1:] < fraction).long()  # E[count] = expected exactly
@@ -104,22 +105,40 @@ def _draw_blocks(batch, channels, p, block_channels, samples_per_group, device):
 
 def _draw_slice(batch, channels, p, device):
     expected = (1.0 - p) * channels
-    width = max(1, math.ceil(expected))
+    width = math.ceil(expected)  # >= 1 since p < 1, unless no channels (an empty window)
     last = expected - (width - 1)  # probability that the window's last channel is kept
     uniform = torch.rand(2, device=device)
     start = (uniform[0] * channels).long().clamp(max=channels - 1)
     positions = torch.arange(width, device=device)
-    index = (start + positions) % channels
+    index = (start + positions) % _max(channels, 1)
     drop = (positions == width - 1) & (uniform[1] >= last)
     factor = (~drop).to(torch.float32) * (1.0 / (1.0 - p))
-    return ChannelMask(index[None], factor[None], (batch, channels), batch, p, "slice")
+    return ChannelMask(index[None], factor[None], (batch, channels), _max(batch, 1), p, "slice")
+
+
+def _symbolic(*sizes):
+    return any(isinstance(size, torch.SymInt) for size in sizes)
+
+
+def _min(a, b):
+    """min(a, b) without a guard on a symbolic size (torch.sym_min); plain min on ints, which
+    Dynamo cannot trace through torch.sym_min under a default device (torch 2.11)."""
+    return torch.sym_min(a, b) if _symbolic(a, b) else min(a, b)
+
+
+def _max(a, b):
+    return torch.sym_max(a, b) if _symbolic(a, b) else max(a, b)
 
 
 def dropout_conv2d_with_mask(x, weight, bias, mask, stride=1, padding=0, dilation=1):
-    """F.conv2d(x ⊙ mask, weight, bias, stride, padding, dilation) on the kept channels only."""
+    """F.conv2d(x ⊙ mask, weight, bias, stride, padding, dilation) on the kept channels only. An
+    empty x or weight is exactly F.conv2d: dropping channels of an empty x changes nothing, and
+    with no output channels nothing depends on x."""
     x, weight, bias = _check_conv_operands(x, weight, bias)
     _check_mask_fits(mask, x)
     conv = {"stride": stride, "padding": padding, "dilation": dilation}
+    if dispatch.any_empty(x, weight):
+        return F.conv2d(x, weight, bias, **conv)
     if mask.groups == 1:  # one set of channels for the whole batch: a plain dense convolution
         index = mask.channels[0]
         x_kept = x.index_select(1, index) * mask.factor[0].to(x.dtype)[:, None, None]
@@ -211,8 +230,7 @@ def _check_conv_operands(x, weight, bias):
 
 
 def _check_mask_fits(mask, x):
-    if not isinstance(mask, ChannelMask):
-        raise TypeError(f"mask must be a ChannelMask, got {type(mask).__name__}")
+    check_type("mask", mask, ChannelMask)
     if tuple(mask.shape) != tuple(x.shape[:2]):
         raise ValueError(f"the mask covers (N, C) = {tuple(mask.shape)} but x has {tuple(x.shape[:2])}")
     if mask.channels.device != x.device:

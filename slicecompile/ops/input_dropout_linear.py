@@ -29,6 +29,7 @@ from .masks import (
     draw_block_mask,
     dropout_scale,
     expand_tiles,
+    flattened_rows,
     mask_of,
     max_count,
 )
@@ -137,8 +138,10 @@ def dropout_linear(x, weight, bias=None, p=0.5, block=DEFAULT_BLOCK, training=Tr
     """F.linear(block_dropout(x), weight, bias): whole (BM, BK) tiles of x, flattened to
     (rows, in_features), are kept or dropped, every block-row keeping the same number of
     tiles; kept values are scaled by 1 / (1 - p). With training=False or p=0 this is
-    exactly F.linear(x, weight, bias). p must be in [0, 1). policy="slice" keeps one
-    contiguous window of features for every row instead (slice_dropout_linear; block unused)."""
+    exactly F.linear(x, weight, bias), and so is an empty x or weight (dropping elements of an
+    empty x changes nothing, and with out_features = 0 nothing depends on x). p must be in
+    [0, 1). policy="slice" keeps one contiguous window of features for every row instead
+    (slice_dropout_linear; block unused)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; known policies: {', '.join(POLICIES)}")
     if policy == "slice":
@@ -148,18 +151,20 @@ def dropout_linear(x, weight, bias=None, p=0.5, block=DEFAULT_BLOCK, training=Tr
     block = check_block(block)
     if not training or p == 0:
         return F.linear(x, weight, bias)
-    in_features = x.shape[-1]
-    mask = draw_block_mask(x.numel() // in_features, in_features, p, block, device=x.device)
+    mask = draw_block_mask(flattened_rows(x), x.shape[-1], p, block, device=x.device)
     return _under_mask(x, weight, bias, mask)
 
 
 def dropout_linear_with_mask(x, weight, bias, mask: BlockMask):
     """dropout_linear under an explicit mask (from draw_block_mask over x flattened to 2-D)."""
     x, weight, bias = check_linear_operands(x, weight, bias)
-    check_mask_fits(mask, (x.numel() // x.shape[-1], x.shape[-1]), x.device)
+    check_mask_fits(mask, BlockMask, (flattened_rows(x), x.shape[-1]), x.device)
     return _under_mask(x, weight, bias, mask)
 
 
 def _under_mask(x, weight, bias, mask):
-    y, _ = block_dropout_linear(x.reshape(-1, x.shape[-1]), weight, bias, mask.kept, mask.count, *mask.block, mask.p)
+    if dispatch.any_empty(x, weight):
+        return F.linear(x, weight, bias)
+    x2d = x.reshape(flattened_rows(x), x.shape[-1])
+    y, _ = block_dropout_linear(x2d, weight, bias, mask.kept, mask.count, *mask.block, mask.p)
     return y.reshape(*x.shape[:-1], weight.shape[0])

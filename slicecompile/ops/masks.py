@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import check_block, check_p, check_size
+
 # (BM, BK) = (128, 128), SparseDrop's tile: GPU time of a p = 0.5 training step at bf16
 # (8192, 4096) -> 4096 on an H200 is 0.871 ms, against 1.220 for (64, 64), 1.076 for (128, 64)
 # and 0.859 for the coarser (128, 256) (bench/results/dropout_linear_blocks.csv). The output
@@ -83,9 +85,21 @@ def expand_tiles(tiles, block, shape):
     return full[: shape[0], : shape[1]]
 
 
+def flattened_rows(x):
+    """M of x (..., K) flattened to (M, K): the product of its leading sizes (x.numel() // K
+    divides by zero when K = 0)."""
+    return math.prod(x.shape[:-1])
+
+
 def draw_block_mask(rows, cols, p, block, device=None, generator=None):
     """Draw a BlockMask over a (rows, cols) input for drop probability 0 <= p < 1.
-    rows and cols may be symbolic (torch.compile with dynamic shapes): no size depends on p."""
+    rows and cols may be symbolic (torch.compile with dynamic shapes): no size depends on p,
+    and nothing branches on a size, so zero rows or columns (a mask of no tiles) need no case
+    of their own."""
+    check_size("rows", rows)
+    check_size("cols", cols)
+    check_p(p)
+    block = check_block(block)
     block_rows, per_row = -(-rows // block[0]), -(-cols // block[1])
     rng = {} if generator is None else {"generator": generator}
     # One draw per mask: a compiler may run independent draws in any order.

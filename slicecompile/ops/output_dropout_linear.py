@@ -26,7 +26,16 @@ from ..kernels import sparse_input_matmul, sparse_output_matmul
 from . import dispatch, reference
 from .checks import check_block, check_linear_operands, check_mask_fits, check_p
 from .dispatch import allow_tf32
-from .masks import DEFAULT_BLOCK, BlockMask, column_index, draw_block_mask, dropout_scale, expand_tiles, mask_of
+from .masks import (
+    DEFAULT_BLOCK,
+    BlockMask,
+    column_index,
+    draw_block_mask,
+    dropout_scale,
+    expand_tiles,
+    flattened_rows,
+    mask_of,
+)
 
 
 @torch.library.triton_op("slicecompile::linear_block_dropout", mutates_args=())
@@ -119,13 +128,14 @@ def linear_dropout(x, weight, bias=None, p=0.5, block=DEFAULT_BLOCK, training=Tr
     """block_dropout(F.linear(x, weight, bias)): whole (BM, BN) tiles of the output, flattened to
     (rows, out_features), are kept or dropped, every block-row keeping the same number of tiles;
     kept values are scaled by 1 / (1 - p). Dropped tiles are never computed. With training=False
-    or p=0 this is exactly F.linear(x, weight, bias). p must be in [0, 1)."""
+    or p=0 this is exactly F.linear(x, weight, bias). p must be in [0, 1). With in_features = 0
+    the output is the bias alone, and that is what is dropped."""
     x, weight, bias = check_linear_operands(x, weight, bias)
     check_p(p)
     block = check_block(block)
     if not training or p == 0:
         return F.linear(x, weight, bias)
-    mask = draw_block_mask(x.numel() // x.shape[-1], weight.shape[0], p, block, device=x.device)
+    mask = draw_block_mask(flattened_rows(x), weight.shape[0], p, block, device=x.device)
     return _under_mask(x, weight, bias, mask)
 
 
@@ -133,10 +143,14 @@ def linear_dropout_with_mask(x, weight, bias, mask: BlockMask):
     """linear_dropout under an explicit mask (from draw_block_mask over the output flattened to
     (rows, out_features))."""
     x, weight, bias = check_linear_operands(x, weight, bias)
-    check_mask_fits(mask, (x.numel() // x.shape[-1], weight.shape[0]), x.device, masked="the output")
+    check_mask_fits(mask, BlockMask, (flattened_rows(x), weight.shape[0]), x.device, masked="the output")
     return _under_mask(x, weight, bias, mask)
 
 
 def _under_mask(x, weight, bias, mask):
-    y = linear_block_dropout(x.reshape(-1, x.shape[-1]), weight, bias, mask.kept, mask.count, *mask.block, mask.p)
+    x2d = x.reshape(flattened_rows(x), x.shape[-1])
+    if dispatch.any_empty(x, weight):  # the definition itself: no kernel over a zero-size grid
+        y = reference.output_forward(x2d, weight, bias, mask.elements(), mask.scale)
+    else:
+        y = linear_block_dropout(x2d, weight, bias, mask.kept, mask.count, *mask.block, mask.p)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -11,6 +11,8 @@ With G = dY ⊙ M · s: dX = G W, dW = Gᵀ X, db = Σ_rows G.
 
 import torch.nn.functional as F
 
+from .masks import flattened_rows
+
 
 def forward(x2d, weight, bias, elements, scale):
     y = (x2d * elements.to(x2d.dtype) @ weight.t()) * scale
@@ -32,7 +34,7 @@ def grad_bias(grad_out2d):
 def dropout_linear_reference(x, weight, bias, mask):
     """The element-wise definition under a BlockMask, on x of any leading shape,
     differentiable by autograd."""
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(flattened_rows(x), x.shape[-1])
     y = forward(x2d, weight, bias, mask.elements(), mask.scale)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -56,6 +58,6 @@ def _masked(grad_out2d, elements, scale):
 def linear_dropout_reference(x, weight, bias, mask):
     """The output side's element-wise definition under a BlockMask over the output flattened to
     (rows, out_features), on x of any leading shape, differentiable by autograd."""
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(flattened_rows(x), x.shape[-1])
     y = output_forward(x2d, weight, bias, mask.elements(), mask.scale)
     return y.reshape(*x.shape[:-1], weight.shape[0])

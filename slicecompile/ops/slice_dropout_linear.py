@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import is_fake
 
-from .checks import check_linear_operands, check_p
+from .checks import check_linear_operands, check_p, check_type
+from .masks import flattened_rows
 
 # Windows start at multiples of the largest of these that divides in_features and leaves at
 # least MIN_UNITS positions: 64 bf16 features are 128 bytes, so every view is aligned for cuBLAS.
@@ -88,7 +90,7 @@ def _draw_impl(in_features: int, p: float, *, device: torch.device) -> Tensor:
     units = in_features // unit
     kept = (1.0 - p) * units
     u_start, u_width = torch.rand(2, dtype=torch.float64, device="cpu").tolist()  # no device sync
-    start = min(int(u_start * units), units - 1) * unit
+    start = min(int(u_start * units), max(units - 1, 0)) * unit  # no features: the window [0, 0)
     width = (math.floor(kept) + int(u_width < kept - math.floor(kept))) * unit
     return torch.tensor([start, width], dtype=torch.int64, device="cpu")
 
@@ -102,11 +104,17 @@ def _(in_features, p, *, device):
 
 
 def draw_slice_window(in_features, p):
-    """A SliceWindow over in_features features, dropping each with probability p (0 <= p < 1)."""
-    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    """A SliceWindow over in_features features, dropping each with probability p (0 <= p < 1);
+    zero features give the empty window."""
+    if isinstance(in_features, bool) or not isinstance(in_features, int):
+        raise TypeError(f"in_features must be a non-negative int, got {in_features!r}")
+    if in_features < 0:
+        raise ValueError(f"in_features must be a non-negative int, got {in_features}")
     check_p(p)
-    draw = _draw if torch.compiler.is_compiling() else _draw_impl  # the op's dispatch costs the host
+    # Traced (torch.compile, or fake tensors), the op: its draw has no values to read. Eager, the
+    # function itself, as the op's dispatch costs the host.
+    traced = torch.compiler.is_compiling() or detect_fake_mode() is not None
+    draw = _draw if traced else _draw_impl
     return SliceWindow(draw(in_features, float(p), device=torch.device("cpu")), in_features, float(p))
 
 
@@ -122,24 +130,48 @@ def _refuse_capture(t):
 def _window(window, in_features):
     """(kept pieces, dropped pieces) of a window tensor, each as _pieces gives them."""
     start, width = window.tolist()
-    dropped = _pieces((start + width) % in_features, in_features - width, in_features)
+    after = (start + width) % in_features if in_features else 0
+    dropped = _pieces(after, in_features - width, in_features)
     return _pieces(start, width, in_features), [(first, end) for first, end, _ in dropped]
 
 
+def _scaled_product(out, a, b, scale, accumulate=None):
+    """out = scale · a @ b (+ accumulate) into an out that holds garbage (fresh from new_empty),
+    which no op reads: addmm(out, ..., beta=0) would hand it to the GEMM as its input. The input
+    is the bias (accumulate) or a real zero. cuBLAS never reads its input when beta = 0, so on a
+    GPU the zero costs nothing and the scale stays the GEMM's alpha; elsewhere the zero is first
+    copied into out (beta = 1), so that a BLAS that mishandles beta = 0 still sees no garbage."""
+    if accumulate is not None:
+        return torch.addmm(accumulate, a, b, alpha=scale, out=out)
+    zero = out.new_zeros(()).expand_as(out)
+    return torch.addmm(zero, a, b, beta=0 if out.is_cuda else 1, alpha=scale, out=out)
+
+
+def _copy_window(x, pieces, kept):
+    """x's window into kept, zeros past its width. All of kept is written before a GEMM reads a
+    view of it: a BLAS may read a view's rows past its last column (oneDNN's AMX bfloat16 kernels
+    load whole K tiles and rely on the other operand's zeros there, which NaN · 0 defeats)."""
+    width = 0
+    for first, end, offset in pieces:
+        kept[:, offset : offset + end - first].copy_(x[:, first:end])
+        width += end - first
+    kept[:, width:].zero_()
+
+
 def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor | None, window: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """(y, the window of x copied compactly, (rows, max_width); columns past the width unset)."""
+    """(y, the window of x copied compactly, (rows, max_width), zeros past the window's width)."""
     _refuse_capture(x)
     kept = x.new_empty(x.shape[0], max_width(x.shape[1], p))
     y = x.new_empty(x.shape[0], weight.shape[0])
     pieces, _ = _window(window, x.shape[1])
+    _copy_window(x, pieces, kept)
     if not pieces:  # an empty window: every feature dropped
         return (y.zero_() if bias is None else y.copy_(bias.expand_as(y))), kept
-    accumulate, beta = (y, 0) if bias is None else (bias.expand_as(y), 1)
+    accumulate = None if bias is None else bias.expand_as(y)
     for first, end, offset in pieces:
         part = kept[:, offset : offset + end - first]
-        part.copy_(x[:, first:end])
-        torch.addmm(accumulate, part, weight[:, first:end].t(), beta=beta, alpha=1.0 / (1.0 - p), out=y)
-        accumulate, beta = y, 1
+        _scaled_product(y, part, weight[:, first:end].t(), 1.0 / (1.0 - p), accumulate)
+        accumulate = y
     return y, kept
 
 
@@ -159,8 +191,7 @@ def _grad_input_impl(grad_out: Tensor, weight: Tensor, window: Tensor, p: float)
     grad_x = grad_out.new_empty(grad_out.shape[0], weight.shape[1])
     pieces, dropped = _window(window, weight.shape[1])
     for first, end, _ in pieces:
-        part = grad_x[:, first:end]
-        torch.addmm(part, grad_out, weight[:, first:end], beta=0, alpha=1.0 / (1.0 - p), out=part)
+        _scaled_product(grad_x[:, first:end], grad_out, weight[:, first:end], 1.0 / (1.0 - p))
     for first, end in dropped:
         grad_x[:, first:end].zero_()
     return grad_x
@@ -182,8 +213,7 @@ def _grad_weight_impl(grad_out: Tensor, kept: Tensor, window: Tensor, in_feature
     grad_w = grad_out.new_empty(grad_out.shape[1], in_features)
     pieces, dropped = _window(window, in_features)
     for first, end, offset in pieces:
-        part = grad_w[:, first:end]
-        torch.addmm(part, grad_out.t(), kept[:, offset : offset + end - first], beta=0, alpha=1.0 / (1.0 - p), out=part)
+        _scaled_product(grad_w[:, first:end], grad_out.t(), kept[:, offset : offset + end - first], 1.0 / (1.0 - p))
     for first, end in dropped:
         grad_w[:, first:end].zero_()
     return grad_w
@@ -242,20 +272,29 @@ class _EagerSliceLinear(torch.autograd.Function):
 def slice_dropout_linear_with_window(x, weight, bias, window: SliceWindow):
     """F.linear(x ⊙ mask, weight, bias) computed on the kept window only."""
     x, weight, bias = check_linear_operands(x, weight, bias)
+    check_type("window", window, SliceWindow)
+    check_p(window.p)
     if window.in_features != x.shape[-1]:
         raise ValueError(f"the window covers {window.in_features} features, x has {x.shape[-1]}")
     if not is_fake(window.window):  # a traced window has no values to check
-        start, width = window.window.tolist()
-        if not 0 <= start < window.in_features:
-            raise ValueError(f"the window's start {start} is outside [0, {window.in_features})")
-        widest = max_width(window.in_features, window.p)
-        if not 0 <= width <= widest:
-            raise ValueError(f"the window's width {width} is wider than p = {window.p} allows ({widest})")
+        _check_window_values(window)
     return _under_window(x, weight, bias, window)
 
 
+def _check_window_values(window):
+    start, width = window.window.tolist()
+    starts = max(window.in_features, 1)  # zero features: the one window [0, 0)
+    if not 0 <= start < starts:
+        raise ValueError(f"the window's start {start} is outside [0, {starts})")
+    if width < 0:
+        raise ValueError(f"the window's width {width} is negative")
+    widest = max_width(window.in_features, window.p)
+    if width > widest:
+        raise ValueError(f"the window's width {width} is wider than p = {window.p} allows ({widest})")
+
+
 def _under_window(x, weight, bias, window):
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(flattened_rows(x), x.shape[-1])
     if torch.compiler.is_compiling() or is_fake(x2d):
         y, _ = _forward(x2d, weight, bias, window.window, window.p)
     else:

@@ -1,13 +1,16 @@
 """dropout_linear against the dense reference under the same mask: forward, every gradient,
 modes, reproducibility, unbiasedness, torch.library registration and bad inputs."""
 
+import contextlib
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import slicecompile.ops.dispatch as dispatch
 from slicecompile import draw_block_mask, dropout_linear, dropout_linear_reference, dropout_linear_with_mask
@@ -29,21 +32,31 @@ def linear_inputs(lead, K, N, dtype=torch.float32, bias=True):
 
 def check_against_reference(x, w, b, mask, op=dropout_linear_with_mask, reference=dropout_linear_reference):
     """Forward and all gradients of op(x, w, b, mask) versus reference in float64 and in x's
-    dtype, under the same mask; returns the op's output."""
+    dtype, under the same mask; returns the op's output. Each is a sum, so the rounding slack
+    scales with its terms' magnitude: the reference on |x|, |w|, |b| and |dy| in float64, over
+    K (+ the bias) terms for y, N for dx, the M rows for dw and db."""
     y = op(x, w, b, mask)
     grad = torch.randn_like(y)
     y.backward(grad)
     leaves = [t for t in (x, w, b) if t is not None]
-    results = {}
-    for name, dtype in (("wide", torch.float64), ("same", x.dtype)):
-        copies = [t.detach().to(dtype).requires_grad_() for t in leaves]
-        args = copies + [None] * (3 - len(copies))
-        ref = reference(*args, mask)
-        ref.backward(grad.to(dtype))
-        results[name] = [ref] + [c.grad for c in copies]
+    wide = _reference_and_gradients(reference, leaves, mask, grad, torch.float64)
+    same = _reference_and_gradients(reference, leaves, mask, grad, x.dtype)
+    magnitude = _reference_and_gradients(reference, leaves, mask, grad, torch.float64, torch.abs)
+    rows, K, N = math.prod(x.shape[:-1]), x.shape[-1], w.shape[0]
+    terms = {"y": K + 1, "dx": N, "dw": rows, "db": rows}
     for i, (actual, name) in enumerate(zip([y] + [t.grad for t in leaves], ["y", "dx", "dw", "db"])):
-        assert_close(actual, results["wide"][i], results["same"][i], name)
+        assert_close(actual, wide[i], same[i], name, magnitude[i], terms[name])
     return y
+
+
+def _reference_and_gradients(reference, leaves, mask, grad, dtype, value=None):
+    """[reference(x, w, b, mask), dx, dw(, db)] with the leaves and grad in dtype (through value,
+    e.g. abs, if given)."""
+    value = value or (lambda t: t)
+    copies = [value(t.detach().to(dtype)).requires_grad_() for t in leaves]
+    ref = reference(*copies, *[None] * (3 - len(copies)), mask)
+    ref.backward(value(grad.to(dtype)))
+    return [ref] + [c.grad for c in copies]
 
 
 @given(
@@ -174,9 +187,9 @@ def test_compiles_without_graph_break():
 
 # (argument changed, error, message) for an F.linear-shaped op: tests/test_linear_dropout_op.py uses it too.
 BAD_LINEAR_INPUTS = [
-    (dict(p=1.0), ValueError, r"p must be in \[0, 1\)"),
-    (dict(p=-0.1), ValueError, r"p must be in \[0, 1\)"),
-    (dict(p=float("nan")), ValueError, r"p must be in \[0, 1\)"),
+    (dict(p=1.0), ValueError, r"p must be in \[0, 1\), got 1.0; p = 1 would drop every input"),
+    (dict(p=-0.1), ValueError, r"^p must be in \[0, 1\), got -0.1$"),  # nothing about p = 1
+    (dict(p=float("nan")), ValueError, r"^p must be in \[0, 1\), got nan$"),
     (dict(p=torch.tensor(0.5)), TypeError, "p must be a float"),
     (dict(block=(48, 16)), ValueError, "powers of two"),
     (dict(block=(8, 8)), ValueError, "powers of two"),
@@ -186,7 +199,6 @@ BAD_LINEAR_INPUTS = [
     (dict(x=torch.ones(4, 32, dtype=torch.int64)), TypeError, "x has dtype torch.int64"),
     (dict(weight=torch.randn(8, 32, dtype=torch.float16)), TypeError, "share one dtype"),
     (dict(x=torch.randn(4, 32, dtype=torch.float64)), TypeError, "x has dtype torch.float64"),
-    (dict(x=torch.randn(0, 32)), ValueError, "x is empty"),
     (dict(bias=torch.randn(9)), ValueError, "bias must have shape"),
     (dict(weight=torch.randn(8, 32, 1)), ValueError, "weight must be 2-D"),
     (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
@@ -206,6 +218,98 @@ def test_mask_must_fit_the_input():
     x, w, _ = linear_inputs((40,), 48, 24, torch.float32)
     with pytest.raises(ValueError, match="the mask covers"):
         dropout_linear_with_mask(x, w, None, draw_block_mask(41, 48, 0.5, (16, 16), device=DEVICE))
+    mask = draw_block_mask(40, 48, 0.5, (16, 16), device=DEVICE)
+    with pytest.raises(TypeError, match="mask must be a BlockMask, got Tensor"):
+        dropout_linear_with_mask(x, w, None, mask.kept)
+
+
+# (leading dims of x, in_features, out_features) with a zero somewhere.
+EMPTY_SHAPES = {
+    "no rows": ((0,), 24, 8),
+    "an empty batch dimension": ((3, 0), 24, 8),
+    "in_features = 0": ((5,), 0, 8),
+    "out_features = 0": ((5,), 24, 0),
+    "all empty": ((0,), 0, 0),
+}
+
+
+def check_exactly_like(op, reference, lead, K, N, dtype, bias):
+    """op(x, w, b) is reference(x, w, b) exactly (values, shape, dtype), and so are all their
+    gradients, without a warning. Each runs after the same torch.manual_seed, so an op and a
+    reference that draw a mask draw the same one."""
+    results = []
+    for fn in (op, reference):
+        torch.manual_seed(0)
+        x, w, b = linear_inputs(lead, K, N, dtype, bias)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.manual_seed(1)
+            y = fn(x, w, b)
+            torch.manual_seed(2)
+            y.backward(torch.randn_like(y))
+        results.append([y] + [t.grad for t in (x, w, b) if t is not None])
+    for actual, expected, what in zip(*results, ["y", "dx", "dw", "db"]):
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+        assert torch.equal(actual, expected), what
+
+
+def _rows(x):
+    return math.prod(x.shape[:-1])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead, K, N", EMPTY_SHAPES.values(), ids=EMPTY_SHAPES.keys())
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, w, b: dropout_linear(x, w, b, p=0.4, block=(16, 16)),
+        lambda x, w, b: dropout_linear(x, w, b, p=0.4, policy="slice"),
+        lambda x, w, b: dropout_linear_with_mask(x, w, b, draw_block_mask(_rows(x), x.shape[-1], 0.4, 16, DEVICE)),
+    ],
+    ids=["block policy", "slice policy", "with a mask"],
+)
+def test_empty_inputs_give_what_linear_gives(op, lead, K, N, dtype, bias):
+    """Dropping elements of an empty x changes nothing, and with out_features = 0 nothing depends
+    on x: F.linear's output and gradients (K = 0: the bias alone, a (N, 0) weight gradient)."""
+    check_exactly_like(op, F.linear, lead, K, N, dtype, bias)
+
+
+@contextlib.contextmanager
+def data_less(kind):
+    """The device to make tensors that carry no data on: meta tensors, or fake ones (under
+    FakeTensorMode, as torch.compile traces)."""
+    if kind == "meta":
+        yield "meta"
+        return
+    with FakeTensorMode():
+        yield DEVICE
+
+
+def check_shapes_propagate(kind, op, reference, *shapes):
+    """op on data-less tensors of these shapes returns what reference returns (shape, dtype and
+    device), and its backward gives every input a gradient of the input's shape and device."""
+    with data_less(kind) as device:
+        leaves = [torch.empty(shape, device=device, requires_grad=True) for shape in shapes]
+        y, expected = op(*leaves), reference(*leaves)
+        assert (y.shape, y.dtype, y.device) == (expected.shape, expected.dtype, expected.device)
+        y.sum().backward()
+        for t in leaves:
+            assert (t.grad.shape, t.grad.device) == (t.shape, t.device)
+
+
+@pytest.mark.parametrize("kind", ["meta", "fake"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, w, b: dropout_linear(x, w, b, p=0.5, block=(16, 16)),
+        lambda x, w, b: dropout_linear(x, w, b, p=0.5, policy="slice"),
+        lambda x, w, b: dropout_linear_with_mask(x, w, b, draw_block_mask(6, 32, 0.5, 16, device=x.device)),
+    ],
+    ids=["block policy", "slice policy", "with a mask"],
+)
+def test_meta_and_fake_tensors_propagate_shapes(op, kind):
+    check_shapes_propagate(kind, op, F.linear, (2, 3, 32), (8, 32), (8,))
 
 
 @pytest.mark.gpu

@@ -1,8 +1,10 @@
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from slicecompile import draw_block_mask
 from slicecompile.ops.masks import gather_tiles, max_count, scatter_tiles
@@ -102,3 +104,54 @@ def test_compact_copy_round_trip(rows, cols, p, block, seed):
     assert compact.shape == (rows, slots * block[1])
     assert torch.equal(scatter_tiles(compact, mask.kept, block, x.shape), x * mask.elements())
     assert int(mask.count) <= slots
+
+
+@pytest.mark.parametrize("rows, cols", [(0, 40), (40, 0), (0, 0)])
+def test_zero_sizes_give_a_mask_of_no_tiles(rows, cols):
+    mask = draw_block_mask(rows, cols, 0.5, (16, 16), device=DEVICE)
+    grid = (math.ceil(rows / 16), math.ceil(cols / 16))
+    assert mask.grid == grid and mask.kept.shape[0] == grid[0]
+    assert mask.tiles().shape == grid and mask.tiles().numel() == 0
+    assert mask.elements().shape == (rows, cols)
+    col_rows, col_count = mask.columns()
+    assert col_rows.shape == grid[::-1] and col_count.shape == grid[1:]
+    x = torch.randn(rows, cols, device=DEVICE)
+    compact = gather_tiles(x, mask.kept, mask.block, max_count(grid[1], 0.5))
+    assert compact.shape[0] == rows
+    assert scatter_tiles(compact, mask.kept, mask.block, x.shape).shape == (rows, cols)
+
+
+def test_the_draw_compiles_once_for_sizes_that_may_be_zero():
+    """Under torch.compile, with sizes that have no value to specialise on (unbacked), the draw
+    traces without a guard on them and gives eager's mask at every size, zero included."""
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def elements(rows, cols):  # sizes carried by 1-D tensors, whose strides are always (1,)
+        return draw_block_mask(rows.shape[0], cols.shape[0], 0.5, (16, 16), device=rows.device).elements()
+
+    compiled = torch.compile(elements, backend=counter, fullgraph=True)
+    for sizes in [(40, 48), (0, 48), (40, 0), (7, 5)]:
+        rows, cols = (torch.empty(size, device=DEVICE) for size in sizes)
+        for t in (rows, cols):
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+        torch.manual_seed(1)
+        expected = elements(rows, cols)
+        torch.manual_seed(1)
+        assert torch.equal(compiled(rows, cols), expected), sizes
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(rows=-1), ValueError, "rows must be a non-negative int, got -1"),
+        (dict(cols=2.0), TypeError, "cols must be a non-negative int, got 2.0"),
+        (dict(p=1.0), ValueError, r"p must be in \[0, 1\), got 1.0; p = 1 would drop every input"),
+        (dict(p=-0.25), ValueError, r"^p must be in \[0, 1\), got -0.25$"),
+        (dict(block=(8, 16)), ValueError, "powers of two"),
+    ],
+)
+def test_bad_draws_raise(change, error, match):
+    args = dict(rows=40, cols=48, p=0.5, block=(16, 16)) | change
+    with pytest.raises(error, match=match):
+        draw_block_mask(**args, device=DEVICE)

@@ -2,6 +2,8 @@
 mask: forward, every gradient, mask structure, modes, reproducibility, unbiasedness, saved
 tensors, torch.library registration, torch.compile, autocast and bad inputs."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,14 @@ import slicecompile.ops.dispatch as dispatch
 from slicecompile import draw_block_mask, linear_dropout, linear_dropout_reference, linear_dropout_with_mask
 
 from conftest import DEVICE
-from test_input_dropout_linear import BAD_LINEAR_INPUTS, check_against_reference, linear_inputs
+from test_input_dropout_linear import (
+    BAD_LINEAR_INPUTS,
+    EMPTY_SHAPES,
+    check_against_reference,
+    check_exactly_like,
+    check_shapes_propagate,
+    linear_inputs,
+)
 from tolerance import assert_close
 
 dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
@@ -251,6 +260,46 @@ def test_mask_must_fit_the_output():
     x, w, _ = linear_inputs((40,), 48, 24)
     with pytest.raises(ValueError, match=r"the mask covers \(40, 48\) but the output flattens to \(40, 24\)"):
         linear_dropout_with_mask(x, w, None, draw_block_mask(40, 48, 0.5, (16, 16), device=DEVICE))
+    with pytest.raises(TypeError, match="mask must be a BlockMask, got Tensor"):
+        linear_dropout_with_mask(x, w, None, draw_block_mask(40, 24, 0.5, (16, 16), device=DEVICE).count)
+
+
+def _output_mask(x, w):
+    return draw_block_mask(math.prod(x.shape[:-1]), w.shape[0], 0.4, (16, 16), device=x.device)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead, K, N", EMPTY_SHAPES.values(), ids=EMPTY_SHAPES.keys())
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, w, b: linear_dropout(x, w, b, p=0.4, block=(16, 16)),
+        lambda x, w, b: linear_dropout_with_mask(x, w, b, _output_mask(x, w)),
+    ],
+    ids=["drawn", "with a mask"],
+)
+def test_empty_inputs_follow_the_definition(op, lead, K, N, dtype, bias):
+    """What the definition, dropout of F.linear's output, gives: F.linear's empty output when there
+    are no rows or no out_features; with in_features = 0 the output is the bias alone, and that is
+    what the mask drops (the reference draws the op's mask: same seed)."""
+    reference = lambda x, w, b: linear_dropout_reference(x, w, b, _output_mask(x, w))  # noqa: E731
+    check_exactly_like(op, reference, lead, K, N, dtype, bias)
+    if 0 in (math.prod(lead), N):
+        check_exactly_like(op, F.linear, lead, K, N, dtype, bias)
+
+
+@pytest.mark.parametrize("kind", ["meta", "fake"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, w, b: linear_dropout(x, w, b, p=0.5, block=(16, 16)),
+        lambda x, w, b: linear_dropout_with_mask(x, w, b, _output_mask(x, w)),
+    ],
+    ids=["drawn", "with a mask"],
+)
+def test_meta_and_fake_tensors_propagate_shapes(op, kind):
+    check_shapes_propagate(kind, op, F.linear, (2, 3, 32), (8, 32), (8,))
 
 
 @pytest.mark.gpu

@@ -20,7 +20,13 @@ from slicecompile import (
 from slicecompile.ops.slice_dropout_linear import slice_unit
 
 from conftest import DEVICE
-from tolerance import assert_close
+from test_input_dropout_linear import (
+    EMPTY_SHAPES,
+    check_against_reference,
+    check_exactly_like,
+    check_shapes_propagate,
+    linear_inputs,
+)
 
 
 def _reference(x, w, b, window):
@@ -39,22 +45,8 @@ def _reference(x, w, b, window):
 )
 def test_matches_reference(lead, K, N, p, dtype, bias, seed):
     torch.manual_seed(seed)
-    x = torch.randn(*lead, K, device=DEVICE).to(dtype).requires_grad_()
-    w = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype).requires_grad_()
-    b = torch.randn(N, device=DEVICE).to(dtype).requires_grad_() if bias else None
-    mask = draw_slice_window(K, p)
-    y = slice_dropout_linear_with_window(x, w, b, mask)
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    leaves = [t for t in (x, w, b) if t is not None]
-    results = {}
-    for name, wide in (("wide", torch.float64), ("same", dtype)):
-        copies = [t.detach().to(wide).requires_grad_() for t in leaves]
-        ref = _reference(*copies, *([None] * (3 - len(copies))), mask)
-        ref.backward(grad.to(wide))
-        results[name] = [ref] + [c.grad for c in copies]
-    for i, (actual, what) in enumerate(zip([y] + [t.grad for t in leaves], ["y", "dx", "dw", "db"])):
-        assert_close(actual, results["wide"][i], results["same"][i], what)
+    x, w, b = linear_inputs(lead, K, N, dtype, bias)
+    check_against_reference(x, w, b, draw_slice_window(K, p), slice_dropout_linear_with_window, _reference)
 
 
 def _kept(window):
@@ -156,16 +148,59 @@ def test_bad_inputs():
     x, w = torch.randn(4, 30, device=DEVICE), torch.randn(7, 30, device=DEVICE)
     with pytest.raises(ValueError, match="p must be in"):
         slice_dropout_linear(x, w, p=1.0)
-    with pytest.raises(ValueError, match="in_features"):
-        draw_slice_window(0, 0.5)
+    with pytest.raises(ValueError, match=r"^p must be in \[0, 1\), got -0.5$"):
+        slice_dropout_linear(x, w, p=-0.5)
+    with pytest.raises(ValueError, match="in_features must be a non-negative int, got -1"):
+        draw_slice_window(-1, 0.5)
+    with pytest.raises(TypeError, match="in_features must be a non-negative int, got 3.0"):
+        draw_slice_window(3.0, 0.5)
     with pytest.raises(ValueError, match="covers 20 features"):
         slice_dropout_linear_with_window(x, w, None, draw_slice_window(20, 0.5))
     with pytest.raises(ValueError, match="wider than"):
         slice_dropout_linear_with_window(x, w, None, SliceWindow(torch.tensor([0, 30]), 30, 0.5))
     with pytest.raises(ValueError, match="start"):
         slice_dropout_linear_with_window(x, w, None, SliceWindow(torch.tensor([30, 2]), 30, 0.5))
+    with pytest.raises(ValueError, match="the window's width -2 is negative"):
+        slice_dropout_linear_with_window(x, w, None, SliceWindow(torch.tensor([3, -2]), 30, 0.5))
+    with pytest.raises(ValueError, match=r"^p must be in \[0, 1\), got -0.5$"):
+        slice_dropout_linear_with_window(x, w, None, SliceWindow(torch.tensor([0, 15]), 30, -0.5))
+    with pytest.raises(TypeError, match="window must be a SliceWindow, got Tensor"):
+        slice_dropout_linear_with_window(x, w, None, torch.tensor([0, 15]))
     with pytest.raises(ValueError, match="policy"):
         dropout_linear(x, w, p=0.5, policy="columns")
+
+
+def test_zero_features_give_the_empty_window():
+    window = draw_slice_window(0, 0.5)
+    assert window.window.tolist() == [0, 0] and window.features().shape == (0,)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead, K, N", EMPTY_SHAPES.values(), ids=EMPTY_SHAPES.keys())
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, w, b: slice_dropout_linear(x, w, b, p=0.4),
+        lambda x, w, b: slice_dropout_linear_with_window(x, w, b, draw_slice_window(x.shape[-1], 0.4)),
+    ],
+    ids=["drawn", "with a window"],
+)
+def test_empty_inputs_give_what_linear_gives(op, lead, K, N, dtype, bias):
+    check_exactly_like(op, F.linear, lead, K, N, dtype, bias)
+
+
+@pytest.mark.parametrize("kind", ["meta", "fake"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, w, b: slice_dropout_linear(x, w, b, p=0.5),
+        lambda x, w, b: slice_dropout_linear_with_window(x, w, b, draw_slice_window(32, 0.5)),
+    ],
+    ids=["drawn", "with a window"],
+)
+def test_meta_and_fake_tensors_propagate_shapes(op, kind):
+    check_shapes_propagate(kind, op, F.linear, (2, 3, 32), (8, 32), (8,))
 
 
 def test_activation_checkpointing_recomputes_the_same_window():
