@@ -3,8 +3,8 @@
 test:
 	python -m pytest
 
-soak:  # the long hypothesis profile
-	HYPOTHESIS_PROFILE=soak python -m pytest
+soak:  # the long hypothesis profile, with each property's example count
+	HYPOTHESIS_PROFILE=soak python -m pytest -q --hypothesis-show-statistics
 
 lint:
 	ruff check . && ruff format --check .

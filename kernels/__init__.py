@@ -3,15 +3,22 @@
 Masked-GEMM primitives, each usable in several roles by permuting operands:
 - sparse_input_matmul: block-sparse A @ dense B -> dense C (skips dropped K-tiles);
 - sparse_output_matmul: dense A @ dense B -> only the kept tiles of C (zeros elsewhere);
-- tile_copy: a mask's kept tiles into a compact copy and back.
+- tile_copy: a mask's kept tiles into a compact copy and back;
+- attention_forward, attention_backward: flash attention under a tile dropout mask (skips the
+  P·V-side GEMMs of dropped tiles), with attention_tiling and attention_launch their device and
+  host helpers.
 masked_matmul holds the launch path the two GEMMs share, tiling the device helpers, runtime
 autotuning, the interpreter's limits and the TMA checks.
 Nothing here imports slicecompile.
 """
 
+from . import attention_backward as _attention_backward
+from . import attention_forward as _attention_forward
 from . import sparse_input_matmul as _dsd
 from . import sparse_output_matmul as _sdd
 from . import tile_copy
+from .attention_backward import attention_backward
+from .attention_forward import attention_forward
 from .runtime import interpreting
 from .sparse_input_matmul import sparse_input_matmul
 from .sparse_output_matmul import sparse_output_matmul
@@ -25,8 +32,19 @@ def autotuners():
         "sparse_input_matmul (tma)": _dsd.MATMUL.tuned[True],
         "sparse_output_matmul": _sdd.MATMUL.tuned[False],
         "sparse_output_matmul (tma)": _sdd.MATMUL.tuned[True],
+        "attention_forward": _attention_forward.FORWARD.tuned,
+        "attention_backward (dk, dv)": _attention_backward.GRAD_KV.tuned,
+        "attention_backward (dq)": _attention_backward.GRAD_Q.tuned,
     }
     return {name: tuner for name, tuner in tuners.items() if tuner is not None}
 
 
-__all__ = ["autotuners", "interpreting", "sparse_input_matmul", "sparse_output_matmul", "tile_copy"]
+__all__ = [
+    "attention_backward",
+    "attention_forward",
+    "autotuners",
+    "interpreting",
+    "sparse_input_matmul",
+    "sparse_output_matmul",
+    "tile_copy",
+]

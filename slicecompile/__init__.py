@@ -6,10 +6,15 @@ kernels (Triton, installed as slicecompile.kernels); demo/ and tools/ sit on top
 from .compiler import explain
 from .ops import (
     DEFAULT_BLOCK,
+    AttentionMask,
     BlockMask,
     SliceWindow,
+    draw_attention_mask,
     draw_block_mask,
     draw_slice_window,
+    dropout_attention,
+    dropout_attention_reference,
+    dropout_attention_with_mask,
     dropout_linear,
     dropout_linear_reference,
     dropout_linear_with_mask,
@@ -22,10 +27,15 @@ from .ops import (
 
 __all__ = [
     "DEFAULT_BLOCK",
+    "AttentionMask",
     "BlockMask",
     "SliceWindow",
+    "draw_attention_mask",
     "draw_block_mask",
     "draw_slice_window",
+    "dropout_attention",
+    "dropout_attention_reference",
+    "dropout_attention_with_mask",
     "dropout_linear",
     "dropout_linear_reference",
     "dropout_linear_with_mask",

@@ -16,7 +16,8 @@ from hypothesis import Phase, settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=20, print_blob=True)
 # On a GPU every new shape compiles kernels: report a failing example as found, unshrunk.
 settings.register_profile("gpu", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])
-settings.register_profile("soak", deadline=None, max_examples=500, print_blob=True)
+# `make soak`: 1,000 examples a property (over 10,000 in all, random models included).
+settings.register_profile("soak", deadline=None, max_examples=1000, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

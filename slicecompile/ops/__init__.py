@@ -1,6 +1,13 @@
 """The ops layer: each public op with its autograd, its masks, dense references and argument
 checks. Data flows down to slicecompile.kernels; nothing here knows about the compiler."""
 
+from .attention_reference import dropout_attention_reference
+from .dropout_attention import (
+    AttentionMask,
+    draw_attention_mask,
+    dropout_attention,
+    dropout_attention_with_mask,
+)
 from .dropout_bmm import dropout_bmm_reference, dropout_bmm_with_mask
 from .dropout_conv2d import ChannelMask, draw_channel_mask, dropout_conv2d, dropout_conv2d_with_mask
 from .input_dropout_linear import dropout_linear, dropout_linear_with_mask
@@ -11,12 +18,17 @@ from .slice_dropout_linear import SliceWindow, draw_slice_window, slice_dropout_
 
 __all__ = [
     "DEFAULT_BLOCK",
+    "AttentionMask",
     "BlockMask",
     "ChannelMask",
     "SliceWindow",
+    "draw_attention_mask",
     "draw_block_mask",
     "draw_channel_mask",
     "draw_slice_window",
+    "dropout_attention",
+    "dropout_attention_reference",
+    "dropout_attention_with_mask",
     "dropout_bmm_reference",
     "dropout_bmm_with_mask",
     "dropout_conv2d",

@@ -1,0 +1,146 @@
+"""What the attention launchers share on the host: operand checks, head-dim padding, the
+attention mask's broadcast strides, autotuning candidates fitted to the mask's block and to
+the head dims, and the launch itself (an explicit config, the first candidate, or autotuning)."""
+
+import os
+
+import torch
+import triton
+
+from .runtime import SHARED_MEMORY_BUDGET, SUPPORTED_DTYPES, autotuned, interpreting, traceable
+
+MAX_HEAD_DIM = 256
+# Resident tiles (the rows a program keeps for its whole loop, beside their float32
+# accumulators) of at most 64 KiB: 128 rows at 16-bit head dims 128 + 128, as the Triton
+# tutorial's fused attention holds them; 64 rows at 256 + 256 or in float32. Counted in bytes
+# because on an H200 (Triton 3.6) float32 at head dims 128 + 128 with 128 resident rows took
+# 75 ms for a forward + backward that took 2.3 ms in bfloat16 (B, H, Lq, Lk = 2, 8, 777, 1000);
+# the byte limit that halves those rows has not been timed there yet.
+RESIDENT_BYTES = 1 << 16
+
+
+def check_attention_operands(q, k, v, keep, mask_block, attn_mask):
+    """q (B, H, Lq, E), k (B, Hk, Lk, E), v (B, Hk, Lk, Ev) of one supported dtype on one
+    device, Hk dividing H, head dims at most MAX_HEAD_DIM; keep (B, H, cdiv(Lq, BM), cdiv(Lk,
+    BN)) bool or uint8 for mask_block (BM, BN), powers of two >= 16; attn_mask None, or bool,
+    float32 or q's dtype, broadcastable to (B, H, Lq, Lk). Returns (B, H, Hk, Lq, Lk, E, Ev)."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("keep", keep)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    (B, H, Lq, E), (_, Hk, Lk, _), Ev = q.shape, k.shape, v.shape[3]
+    if k.shape[0] != B or k.shape[3] != E or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"k's {Hk} heads must divide q's {H}")
+    if max(E, Ev) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims {E} and {Ev} must be at most {MAX_HEAD_DIM}")
+    if any(side < 16 or side & (side - 1) for side in mask_block):
+        raise ValueError(f"the mask's block sides must be powers of two >= 16, got {tuple(mask_block)}")
+    grid = (B, H, triton.cdiv(Lq, mask_block[0]), triton.cdiv(Lk, mask_block[1]))
+    if keep.dtype not in (torch.bool, torch.uint8) or tuple(keep.shape) != grid:
+        raise ValueError(
+            f"keep must be a bool or uint8 tile table of shape {grid}, got {keep.dtype} {tuple(keep.shape)}"
+        )
+    if attn_mask is not None:
+        if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
+            raise TypeError(f"attn_mask must be bool, float32 or q's dtype {q.dtype}, got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk))
+        except RuntimeError:
+            raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to {(B, H, Lq, Lk)}") from None
+    return B, H, Hk, Lq, Lk, E, Ev
+
+
+def head_block(d):
+    """A head dim padded to a power of two of at least 16 (what tl.dot needs)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def mask_view(attn_mask, shape):
+    """(the pointer to pass, its 4 strides over shape (B, H, Lq, Lk), stride 0 on broadcast
+    dims, MASK_BOOL). Boolean masks are read as uint8."""
+    if attn_mask is None:
+        return None, (0, 0, 0, 0), False
+    full = attn_mask.expand(shape)
+    is_bool = attn_mask.dtype == torch.bool
+    return (full.view(torch.uint8) if is_bool else full), full.stride(), is_bool
+
+
+def widened_for_interpreter(q):
+    """The interpreter has no bfloat16 arithmetic and truncates float32 -> bfloat16 stores: there
+    bfloat16 operands run in float32, and torch rounds the results."""
+    return interpreting() and q.dtype == torch.bfloat16
+
+
+def widen(t):
+    return t if t is None or not t.is_floating_point() else t.float()
+
+
+class AttentionKernel:
+    """An attention kernel with its autotuning candidates (triton.Configs of BLOCK_M, BLOCK_N).
+    resident: the tile whose rows a program holds for its whole loop ("BLOCK_M" for the
+    forward and dQ, "BLOCK_N" for dK/dV); the other is streamed. The kernel takes LQ_KEY,
+    LK_KEY, BLOCK_E, BLOCK_EV, MASK_BM, MASK_BN, IS_CAUSAL and HAS_MASK, its tuning key
+    (with extra_key's meta-parameters)."""
+
+    KEY = ["LQ_KEY", "LK_KEY", "BLOCK_E", "BLOCK_EV", "MASK_BM", "MASK_BN", "IS_CAUSAL", "HAS_MASK"]
+
+    def __init__(self, kernel, configs, resident, extra_key=()):
+        self.kernel, self.configs, self.resident = kernel, configs, resident
+        self.streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
+        self.tuned = autotuned(kernel, configs, self.KEY + list(extra_key), self._prune)
+
+    def _prune(self, configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        sizes = (args["BLOCK_E"], args["BLOCK_EV"], (args["MASK_BM"], args["MASK_BN"]))
+        return self.fit(configs, args["q_ptr"].element_size(), *sizes)
+
+    def fit(self, configs, element_size, block_e, block_ev, mask_block):
+        """configs with tiles shrunk to divide the mask's block (powers of two no larger than
+        its sides), the resident tile to RESIDENT_BYTES, and the streamed tiles' pipeline to
+        the shared-memory budget; duplicates removed, order kept."""
+        width = block_e + block_ev
+        fitted = {}
+        for c in configs:
+            tiles = {
+                "BLOCK_M": min(c.kwargs["BLOCK_M"], mask_block[0]),
+                "BLOCK_N": min(c.kwargs["BLOCK_N"], mask_block[1]),
+            }
+            while tiles[self.resident] > 16 and tiles[self.resident] * width * element_size > RESIDENT_BYTES:
+                tiles[self.resident] //= 2
+            while tiles[self.streamed] > 16 and tiles[self.streamed] * width * element_size > SHARED_MEMORY_BUDGET // 2:
+                tiles[self.streamed] //= 2
+            stage = tiles[self.streamed] * width * element_size
+            stages = max(1, min(c.num_stages, SHARED_MEMORY_BUDGET // stage))
+            key = (tiles["BLOCK_M"], tiles["BLOCK_N"], c.num_warps, stages)
+            fitted.setdefault(key, triton.Config(tiles, num_warps=c.num_warps, num_stages=stages))
+        return list(fitted.values())
+
+    def launch(self, grid, config, mask_block, element_size, args, meta):
+        """Launch over grid(tiles) (tiles: the BLOCK_M, BLOCK_N in use) with the positional args
+        and the meta-parameters meta. config: dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=),
+        tiles dividing the mask's block; None: the interpreter's one config (the mask's block: it
+        pays per program and loop step), SLICECOMPILE_AUTOTUNE=0's first fitted candidate, or
+        autotuning."""
+        if config is None and interpreting():
+            config = dict(BLOCK_M=mask_block[0], BLOCK_N=mask_block[1], num_warps=4, num_stages=1)
+        elif config is None and os.environ.get("SLICECOMPILE_AUTOTUNE", "1") == "0":
+            first = self.fit(self.configs[:1], element_size, meta["BLOCK_E"], meta["BLOCK_EV"], mask_block)[0]
+            config = dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
+        if config is None:
+            traceable(self.tuned)[grid](*args, **meta)
+            return
+        tiles = (config["BLOCK_M"], config["BLOCK_N"])
+        if any(t < 16 or side % t for t, side in zip(tiles, mask_block)):
+            raise ValueError(f"kernel tiles {tiles} must be >= 16 and divide the mask's block {tuple(mask_block)}")
+        traceable(self.kernel)[grid(config)](*args, **meta, **config)

@@ -1,0 +1,73 @@
+"""Device-side helpers shared by the block-dropout attention kernels: reading (rows, head dim)
+tiles, the scores of a (query tile, key tile) pair under the causal rule and an attention mask,
+and whether the tile table keeps a kernel tile.
+
+Scores are kept in base-2 units (natural scores times log2(e)), so the kernels exponentiate
+with exp2; the log-sum-exp they save per query row is in natural units."""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def load_tile(ptr, offs_r, offs_c, n_r, n_c, stride_r, stride_c):
+    """The (len(offs_r), len(offs_c)) tile of a (n_r, n_c) matrix at ptr with strides
+    (stride_r, stride_c); zeros past its edges. Swapping the roles of rows and columns reads the
+    transposed tile."""
+    ptrs = ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
+    return tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, value, offs_r, offs_c, n_r, n_c, stride_r, stride_c):
+    """value in ptr's dtype at rows offs_r, columns offs_c of a (n_r, n_c) matrix, inside its edges."""
+    ptrs = ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c))
+
+
+@triton.jit
+def scores(
+    q,
+    k_t,
+    offs_m,
+    offs_n,
+    LQ,
+    LK,
+    qk_scale,
+    mask_ptr,
+    stride_mm,
+    stride_mn,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_N) float32 scores q @ k_t * qk_scale (+ mask * log2(e)) of queries offs_m
+    against keys offs_n, in base-2 units; -inf where a key is past LK, hidden by the causal rule
+    (query i sees keys j <= i), or False in a boolean mask. q: (BLOCK_M, BLOCK_E) tile, k_t:
+    (BLOCK_E, BLOCK_N) tile (k transposed), qk_scale = scale * log2(e). mask_ptr points at this
+    (batch, head)'s (LQ, LK) plane of the attention mask (broadcast dims have stride 0)."""
+    s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+    live = (offs_n[None, :] < LK) & (offs_m[:, None] >= 0)
+    if IS_CAUSAL:
+        live = live & (offs_m[:, None] >= offs_n[None, :])
+    if HAS_MASK:
+        in_plane = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
+        ptrs = mask_ptr + offs_m.to(tl.int64)[:, None] * stride_mm + offs_n.to(tl.int64)[None, :] * stride_mn
+        if MASK_BOOL:
+            live = live & (tl.load(ptrs, mask=in_plane, other=0) != 0)
+        else:
+            s += tl.load(ptrs, mask=in_plane, other=0.0).to(tl.float32) * LOG2E
+    return tl.where(live, s, float("-inf"))
+
+
+@triton.jit
+def tile_kept(keep_ptr, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM: tl.constexpr, MASK_BN: tl.constexpr):
+    """Whether the semantic (MASK_BM, MASK_BN) tile that holds the kernel tile at (start_m,
+    start_n) is kept. keep_ptr points at this (batch, head)'s tile table, uint8. The kernel's
+    tiles divide the semantic block, so a kernel tile lies in exactly one semantic tile."""
+    flag = tl.load(keep_ptr + (start_m // MASK_BM) * stride_keep_m + (start_n // MASK_BN) * stride_keep_n)
+    return flag != 0
