@@ -3,6 +3,7 @@
 # the named parts (default: all) — tests: the test suite on the GPU and the demo; kernels: the
 # kernel-variant sweep, the dropout_linear benchmarks (bf16, fp16, fp32) and the block sweep
 # behind DEFAULT_BLOCK; output: the linear_dropout (output side) benchmark and its block sweep;
+# attention: the attention tests on the GPU and the fused attention against SDPA and Inductor;
 # gpt2: GPT-2-style blocks' training step;
 # encoder: the 4-layer encoder training step; slice: the slice policy and the compact saved input
 # against cuBLAS; memory: the encoder step's peak memory; wrn: Wide ResNet blocks; frontier: the
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests kernels output gpt2 encoder slice memory wrn frontier distributed}
+parts=${*:-tests kernels output attention gpt2 encoder slice memory wrn frontier distributed}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$out/gpu.txt"
 for part in $parts; do
@@ -43,6 +44,10 @@ for part in $parts; do
       python3 bench/bench_dropout_linear.py --side output --shapes 8192,4096,4096 --p 0.5 \
         --providers dense slicecompile --blocks 64,64 64,128 128,64 128,128 256,128 128,256 \
         --csv linear_dropout_blocks.csv 2>&1 | tee "$out/bench_output_blocks.log" ;;
+    attention)
+      python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_kernels.py tests/ops/test_dropout_attention.py \
+        2>&1 | tee "$out/pytest_gpu_attention.log" | tail -15
+      python3 bench/bench_attention.py ${ATTENTION_ARGS:-} 2>&1 | tee "$out/bench_attention.log" ;;
     gpt2)
       python3 bench/bench_gpt2_block.py --p 0.1 0.5 --steps 30 --backends eager inductor slicecompile \
         slicecompile-input slicecompile-output 2>&1 | tee "$out/bench_gpt2_block.log"

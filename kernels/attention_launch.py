@@ -71,9 +71,10 @@ def mask_view(attn_mask, shape):
     dims, MASK_BOOL). Boolean masks are read as uint8."""
     if attn_mask is None:
         return None, (0, 0, 0, 0), False
-    full = attn_mask.expand(shape)
     is_bool = attn_mask.dtype == torch.bool
-    return (full.view(torch.uint8) if is_bool else full), full.stride(), is_bool
+    # Converted, not viewed: Inductor (torch 2.11) cannot view bool as uint8.
+    full = (attn_mask.to(torch.uint8) if is_bool else attn_mask).expand(shape)
+    return full, full.stride(), is_bool
 
 
 def widened_for_interpreter(q):

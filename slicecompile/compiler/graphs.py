@@ -55,14 +55,16 @@ def copy_graph(gm):
 def restart_with_constant_p(gm):
     """With dynamic=True, Dynamo passes float attributes (nn.Dropout.p, a global P) as tensors
     read back with .item(), so p reaches the pass as a node. AOTAutograd would later ask
-    Dynamo to retrace with those floats constant, after a wasted compile; ask now, the same way."""
+    Dynamo to retrace with those floats constant, after a wasted compile; ask now, the same way.
+    A p already pinned to a constant (patterns.dropout_p) needs no retrace: inside a
+    checkpointed region the retrace would not make it constant, and Dynamo would retrace again."""
     names = set()
     dropouts = (node for sub, _ in graph_modules(gm) for node in filter(is_dropout, sub.graph.nodes))
     for node in dropouts:
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
         value = p.meta.get("example_value") if isinstance(p, torch.fx.Node) else None
-        if isinstance(value, torch.SymFloat):  # _expr: the symbol itself, before Dynamo's replacement by the value
-            expr = getattr(value.node, "_expr", value.node.expr)
+        if isinstance(value, torch.SymFloat) and not value.node.expr.is_number:
+            expr = getattr(value.node, "_expr", value.node.expr)  # the symbol itself, before its replacement
             names |= {str(s) for s in expr.free_symbols if symbol_is_type(s, SymT.FLOAT)}
     if names:
         for name in sorted(names):

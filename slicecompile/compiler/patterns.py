@@ -82,6 +82,17 @@ def static_size(size):
     return int(expr) if expr.is_number else None
 
 
+def dropout_p(dropout):
+    """A dropout's p: a number, a symbolic float that the shape environment has pinned to a
+    constant (under dynamic=True, a p read inside a checkpointed region: Dynamo cannot retrace
+    it as a constant, but guards its value), or the node that computes it."""
+    p = arg_of(dropout, 1, "p", 0.5)
+    value = p.meta.get("example_value") if isinstance(p, Node) else None
+    if isinstance(value, torch.SymFloat) and value.node.expr.is_number:
+        return float(value.node.expr)
+    return p
+
+
 def shape_of(node):
     value = meta_value(node)
     return tuple(hint(s) for s in value.shape) if value is not None else ()
@@ -135,10 +146,6 @@ def _match_batched(operand, right):
     return Match(operand, right, False, None, _gemm(operand, right_shape[-2:]), batched=True)
 
 
-def _match_bmm(node, operand):
-    return _match_batched(operand, arg_of(node, 1, "mat2"))
-
-
 def _match_conv2d(node, operand):
     weight, bias = arg_of(node, 1, "weight"), arg_of(node, 2, "bias")
     conv = tuple(
@@ -162,13 +169,12 @@ PATTERNS = (
     Pattern("dropout_linear", frozenset({F.linear, torch._C._nn.linear}), frozenset(), 0, _match_linear),
     Pattern(
         "dropout_matmul",
-        frozenset({torch.matmul, operator.matmul, torch.Tensor.matmul, torch.mm, torch.Tensor.mm}),
-        frozenset({"matmul", "__matmul__", "mm"}),
+        frozenset({torch.matmul, operator.matmul, torch.Tensor.matmul, torch.mm, torch.Tensor.mm, torch.bmm}),
+        frozenset({"matmul", "__matmul__", "mm", "bmm"}),
         0,
         _match_right_2d,
     ),
     Pattern("dropout_addmm", frozenset({torch.addmm}), frozenset({"addmm"}), 1, _match_addmm),
-    Pattern("dropout_bmm", frozenset({torch.bmm, torch.Tensor.bmm}), frozenset({"bmm"}), 0, _match_bmm),
     Pattern("dropout_conv2d", frozenset({torch.conv2d, F.conv2d}), frozenset(), 0, _match_conv2d),
 )
 

@@ -1,9 +1,10 @@
 """Rewrite the sites sites.py decided on: each dropout → matmul becomes one mask draw and one
-block-dropout op per matmul (ops/input_dropout_linear.py for a 2-D weight, ops/dropout_bmm.py
-for a batched one), or, under the slice policy, one window draw and one slice-dropout op per
-linear layer; a dropout → conv2d becomes channel-structured dropout (ops/dropout_conv2d.py)
-under either policy; a matmul → dropout (output side) becomes block dropout of the linear
-layer's output (ops/output_dropout_linear.py), under either policy.
+block-dropout op per matmul (ops/input_dropout_linear.py), or, under the slice policy, one
+window draw and one slice-dropout op per linear layer; a dropout → conv2d becomes
+channel-structured dropout (ops/dropout_conv2d.py) under either policy; a matmul → dropout
+(output side) becomes block dropout of the linear layer's output (ops/output_dropout_linear.py),
+under either policy; eager attention's softmax → dropout → @ v, and an SDPA call with
+dropout, become the fused block-dropout attention (ops/dropout_attention.py).
 
 The replacements are plain Python functions called from the graph; compile_fx retraces the
 graph with make_fx, which traces them into their torch ops (rand, argsort, the custom op),
@@ -12,10 +13,10 @@ so the mask is drawn inside the compiled graph from torch's generator, with no h
 
 import contextlib
 import logging
-import math
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 from torch.fx import Node
 
@@ -23,13 +24,14 @@ from ..ops import (
     BlockMask,
     SliceWindow,
     draw_block_mask,
+    dropout_attention,
     dropout_linear_with_mask,
     linear_dropout_with_mask,
     slice_dropout_linear_with_window,
 )
-from ..ops.dropout_bmm import draw_batched_block_mask, dropout_bmm_with_mask
 from ..ops.dropout_conv2d import dropout_conv2d
 from ..ops.masks import flattened_rows
+from .patterns import meta_value
 
 log = logging.getLogger("slicecompile")
 
@@ -40,20 +42,6 @@ def draw_site_mask(x, p, block):
     in_features = x.shape[-1]
     mask = draw_block_mask(flattened_rows(x), in_features, p, block, device=x.device)
     return mask.kept, mask.count
-
-
-def draw_batched_site_mask(a, p, block):
-    """One mask per (M, K) matrix of a (..., M, K), for a batched matmul."""
-    m, k = a.shape[-2:]
-    mask = draw_batched_block_mask(math.prod(a.shape[:-2]), m, k, p, block, device=a.device)
-    return mask.kept, mask.count
-
-
-def bmm_under_mask(a, b, kept, count, p, block, dtype):
-    """a @ b (same batch dims) in dtype, with a block-dropped by the batched mask (kept, count)."""
-    m, k = a.shape[-2:]
-    rows = math.prod(a.shape[:-2]) * -(-m // block[0]) * block[0]
-    return dropout_bmm_with_mask(a.to(dtype), b.to(dtype), BlockMask(kept, count, (rows, k), tuple(block), p))
 
 
 def linear_under_mask(x, weight, bias, kept, count, p, block, dtype):
@@ -81,6 +69,42 @@ def conv2d_under_channel_mask(x, weight, bias, conv, p, policy, samples_per_grou
     bias = None if bias is None else bias.to(dtype)
     x, weight = x.to(dtype), weight.to(dtype)
     return dropout_conv2d(x, weight, bias, *conv, p=p, policy=policy, samples_per_group=samples_per_group)
+
+
+def attention_under_block_dropout(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, block, dtype, eager):
+    """dropout_attention in dtype with SDPA's arguments; for eager attention (eager=(tensor
+    scales, k transposed)), q is first scaled by the 0-d tensors and k is given as kᵀ."""
+    if eager is not None:
+        tensor_scales, key_transposed = eager
+        for factor, divides in tensor_scales:
+            q = q / factor if divides else q * factor
+        k = k.transpose(-2, -1) if key_transposed else k
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, dtype):
+        attn_mask = attn_mask.float()
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return dropout_attention(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, block)
+
+
+@contextlib.contextmanager
+def _sdpa_as_block_dropout(block):
+    """F.scaled_dot_product_attention, as torch.nn.functional's own functions call it, replaced by
+    the fused op: the body of F.multi_head_attention_forward then runs on block dropout."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return dropout_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, block)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def multi_head_attention_under_block_dropout(*args, block, **kwargs):
+    """F.multi_head_attention_forward(*args, **kwargs) (need_weights=False) with block dropout."""
+    with _sdpa_as_block_dropout(block):
+        return F.multi_head_attention_forward(*args, **kwargs)
 
 
 def _example_value(node, fn, *args):
@@ -136,7 +160,7 @@ def _input_replacements(graph, site, block, samples_per_group):
     operand = site.matches[0][1].operand
     operand = dropout.args[0] if operand is dropout else operand
     order = {node: index for index, node in enumerate(graph.nodes)}
-    batched, conv = site.matches[0][1].batched, site.matches[0][1].conv
+    conv = site.matches[0][1].conv
     with graph.inserting_before(min((consumer for consumer, _ in site.matches), key=order.__getitem__)):
         mask_args = () if conv else _draw(graph, site, operand, block)
     replacements = []
@@ -150,8 +174,6 @@ def _input_replacements(graph, site, block, samples_per_group):
                 replacement = graph.call_function(
                     linear_under_window, (operand, weight, match.bias, *mask_args, match.dtype)
                 )
-            elif batched:
-                replacement = graph.call_function(bmm_under_mask, (operand, weight, *mask_args, match.dtype))
             else:
                 replacement = graph.call_function(
                     linear_under_mask, (operand, weight, match.bias, *mask_args, match.dtype)
@@ -160,13 +182,56 @@ def _input_replacements(graph, site, block, samples_per_group):
     return replacements
 
 
+def _replayed_mask(graph, match):
+    """β of the scores' chain α · q kᵀ + β (attention_patterns.py): the chain's nodes copied onto a
+    zero score, a masked_fill as the torch.where it equals (which broadcasts its input)."""
+    if not match.masked:
+        return None
+    qk = match.chain[0][1]
+    zero_like = meta_value(qk)
+    value = {qk: graph.call_function(torch.zeros, ((),), {"dtype": zero_like.dtype, "device": zero_like.device})}
+    for node, source, step in match.chain:
+        if step == "fill" and node.target is not torch.where:
+            new = graph.call_function(torch.where, (node.args[1], node.args[2], value[source]))
+        else:
+            new = graph.node_copy(node, lambda arg: value.get(arg, arg))
+            new.meta.pop("example_value", None)
+        value[node] = new
+    return new
+
+
+def _attention_replacements(graph, site, block):
+    """An attention site's new node: the fused op in place of P @ V (eager) or of the SDPA call."""
+    (node, match), dtype = site.matches[0], site.matches[0][1].dtype
+    eager = site.pattern == "attention_dropout"
+    if match.key_t is None:  # multi_head_attention_forward
+        kwargs = {**node.kwargs, "block": block}
+        with graph.inserting_before(node):
+            return [(node, graph.call_function(multi_head_attention_under_block_dropout, node.args, kwargs))]
+    with graph.inserting_before(node):
+        attn_mask = _replayed_mask(graph, match) if eager else match.attn_mask
+        args = (match.q, match.key_t, match.v, attn_mask, site.p, match.is_causal, match.scale, match.enable_gqa)
+        args += (block, dtype, (match.tensor_scales, True) if eager else None)
+        return [(node, graph.call_function(attention_under_block_dropout, args))]
+
+
+def _erase_unused(graph, nodes):
+    """Erase those of nodes (latest first) that nothing reads any more."""
+    present = set(graph.nodes)
+    for node in nodes:
+        if node in present and not node.users:
+            graph.erase_node(node)
+
+
 def rewrite_site(graph, site, block, samples_per_group=8):
     """Replace one decided site (site.rewritten) in graph, which holds site.node; returns
     {replaced node: its replacement}. All new nodes are built first: if that fails, they are
     removed again and the graph is as it was."""
     before = set(graph.nodes)
     try:
-        if site.side == "output":
+        if site.side == "attention":
+            replacements = _attention_replacements(graph, site, block)
+        elif site.side == "output":
             replacements = _output_replacements(graph, site, block)
         else:
             replacements = _input_replacements(graph, site, block, samples_per_group)
@@ -176,8 +241,11 @@ def rewrite_site(graph, site, block, samples_per_group=8):
         raise
     for old, new in replacements:
         _swap(old, new)
-    site.node.replace_all_uses_with(site.node.args[0])  # its users read the dropped result now
-    graph.erase_node(site.node)
+    if site.pattern != "sdpa_dropout":  # the SDPA call was the site's node, replaced above
+        site.node.replace_all_uses_with(site.node.args[0])  # its users read the dropped result now
+        graph.erase_node(site.node)
+    if site.pattern == "attention_dropout":
+        _erase_unused(graph, site.matches[0][1].dead)
     return dict(replacements)
 
 
@@ -187,9 +255,8 @@ def _draw(graph, site, operand, block):
         window = graph.call_function(draw_site_window, (operand, site.p))
         _example_value(window, draw_site_window, operand, site.p)
         return window, site.p
-    draw = draw_batched_site_mask if site.matches[0][1].batched else draw_site_mask
-    mask = graph.call_function(draw, (operand, site.p, block))
-    _example_value(mask, draw, operand, site.p, block)
+    mask = graph.call_function(draw_site_mask, (operand, site.p, block))
+    _example_value(mask, draw_site_mask, operand, site.p, block)
     kept, count = (graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
     for i, node in enumerate((kept, count)):
         node.meta["example_value"] = (mask.meta.get("example_value") or (None, None))[i]
@@ -199,9 +266,14 @@ def _draw(graph, site, operand, block):
 def _resolved(site, replaced):
     """site with the nodes its matches name updated for the sites rewritten before it (a
     rewritten matmul may be another site's operand: attention's P @ V before its projection)."""
-    now = lambda node: replaced.get(node, node) if isinstance(node, Node) else node  # noqa: E731
+
+    def now(value):
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(map(now, value))
+        return replaced.get(value, value) if isinstance(value, Node) else value
+
     site.matches = [
-        (now(node), match._replace(operand=now(match.operand), weight=now(match.weight), bias=now(match.bias)))
+        (now(node), match._replace(**{name: now(getattr(match, name)) for name in match._fields}))
         for node, match in site.matches
     ]
     return site

@@ -17,10 +17,12 @@ import torch
 from torch.fx import Node
 
 from ..ops.checks import SUPPORTED_DTYPES
+from .attention_patterns import attention_reason, is_sdpa, match_eager_attention, match_sdpa, probabilities_source
 from .graphs import graph_modules
 from .patterns import (
     arg_of,
     describe,
+    dropout_p,
     is_dropout,
     is_scaling,
     is_view,
@@ -57,7 +59,7 @@ class Site:
     rewritten: bool = False
     reason: str = ""
     policy: str = "block"  # how the rewrite drops: "block" tiles or one "slice" window
-    side: str = "input"  # the dropped matrix: the matmul's "input" or its "output"
+    side: str = "input"  # the dropped matrix: the matmul's "input", its "output", or the "attention" probabilities
     node: Node | None = field(default=None, repr=False)  # the dropout node, for rewrite.py
     matches: list = field(default_factory=list, repr=False)  # (consumer node, Match), for rewrite.py
 
@@ -73,8 +75,12 @@ class Site:
 
     @property
     def saved_flops(self):
-        """Expected FLOPs skipped: a fraction p of each of the three GEMMs."""
-        return round(self.p * self.dense_flops) if self.rewritten else 0
+        """Expected FLOPs skipped: a fraction p of each of the three GEMMs; for attention, of
+        P·V's three (P·V, dV and dP), since q kᵀ, dQ and dK visit dropped tiles too."""
+        if not self.rewritten:
+            return 0
+        skipping = self.gemms[1:] if self.side == "attention" else self.gemms
+        return round(self.p * sum(6 * m * k * n for m, k, n in skipping))
 
 
 def _consumers(dropout):
@@ -101,7 +107,7 @@ def _consumers(dropout):
 
 def _flag_reason(dropout, options):
     """Why a dropout's own arguments rule it out, or None."""
-    p = arg_of(dropout, 1, "p", 0.5)
+    p = dropout_p(dropout)
     training = arg_of(dropout, 2, "training" if dropout.target is not torch.dropout else "train", True)
     if training is not True:
         return EVAL_MODE if training is False else "training flag is not a constant"
@@ -152,7 +158,11 @@ def _operand_reason(operand, matches, options):
             and shape_of(match.bias) != match.gemm[2:]
         ):
             return "bias is not a vector of out_features"
-    size = sum(m * k * n for m, k, n in (match.gemm for _, match in matches))
+    return _size_reason([match.gemm for _, match in matches], options)
+
+
+def _size_reason(gemms, options):
+    size = sum(m * k * n for m, k, n in gemms)
     if size < options.min_gemm_size:
         return f"GEMM too small (M*K*N = {size} < min_gemm_size = {options.min_gemm_size})"
     return None
@@ -175,7 +185,7 @@ def _policy_reason(site):
 
 def _site(dropout):
     x = meta_value(dropout.args[0])
-    p = arg_of(dropout, 1, "p", 0.5)
+    p = dropout_p(dropout)
     return Site(
         name=dropout.name,
         module=_module_path(dropout),
@@ -192,6 +202,8 @@ def _site(dropout):
 
 def _finish(site, operand, options):
     site.gemms = tuple(match.gemm for _, match in site.matches)
+    if not site.matches:
+        site.reason = site.reason or "no matmul"
     site.reason = site.reason or _operand_reason(operand, site.matches, options) or _policy_reason(site)
     site.rewritten = not site.reason
     site.reason = site.reason or "rewritten"
@@ -206,6 +218,10 @@ def _input_side(dropout, options):
     site.reason = _flag_reason(dropout, options) or (blocker[1] if blocker else None)
     if not consumers and not site.reason:
         site.reason = "result unused"
+    if blocker and not isinstance(probabilities_source(dropout), str):
+        site.side, site.pattern = "attention", "attention_dropout"
+        site.reason = _flag_reason(dropout, options) or f"the attention probabilities are read elsewhere: {blocker[1]}"
+        return _finish(site, None, options), True
     if not site.reason and not options.input_side:
         site.reason = INPUT_SIDE_OFF
     for node, pattern, operand in consumers:
@@ -216,9 +232,53 @@ def _input_side(dropout, options):
             break
         out = meta_value(node)
         site.matches.append((node, match._replace(dtype=None if out is None else out.dtype)))
-        site.pattern = "dropout_bmm" if match.batched else site.pattern
+    if any(match.batched for _, match in site.matches):
+        return _attention(site, dropout, options), True
     site.policy = _policy(site, options)
     return _finish(site, dropout.args[0], options), bool(consumers) and blocker is None
+
+
+def _attention(site, dropout, options):
+    """An input site whose matmul is batched: eager attention (softmax → dropout → @ v) becomes
+    the fused attention op; any other batched matmul stays as it is (no kernel skips its tiles)."""
+    site.side, site.policy = "attention", "block"
+    if len(site.matches) > 1:
+        match = "the attention probabilities feed several matmuls"
+    else:
+        ((pv, batched),) = site.matches
+        match = match_eager_attention(dropout, pv, batched.operand)
+    if isinstance(match, str) and match.startswith("batched matmul that is not attention"):
+        site.matches, site.reason = [], site.reason or match
+        return _finish(site, None, options)
+    site.pattern = "attention_dropout"
+    return _finish_attention(site, match, options)
+
+
+def _finish_attention(site, match, options):
+    if isinstance(match, str):
+        site.matches, site.reason = [], site.reason or match
+    else:
+        site.matches, site.gemms = [(site.matches[0][0] if site.matches else site.node, match)], match.gemms
+        site.reason = site.reason or attention_reason(match) or _size_reason(match.gemms, options)
+    site.rewritten = not site.reason
+    site.reason = site.reason or "rewritten"
+    return site
+
+
+def decide_sdpa(node, options):
+    """The Site of a scaled_dot_product_attention call: rewritten when its dropout_p is a
+    constant in (0, 1) (modules pass 0 in eval mode)."""
+    site = _site(node)
+    site.p, site.consumer, site.pattern, site.side = None, describe(node), "sdpa_dropout", "attention"
+    p, match = match_sdpa(node)
+    if p is not None:
+        site.p = float(p)
+        site.reason = IDENTITY if p == 0 else (None if 0 < p < 1 else f"dropout_p = {p} is outside (0, 1)")
+    if not site.reason and not options.enabled:
+        site.reason = DISABLED
+    if not site.reason and not options.input_side:
+        site.reason = INPUT_SIDE_OFF
+    return _finish_attention(site, match, options)
 
 
 def _producer(dropout):
@@ -289,8 +349,8 @@ def find_sites(gm, options):
     other higher-order ops (control flow, ...) are listed as skipped."""
     sites = []
     for sub, reason in graph_modules(gm):
-        for node in filter(is_dropout, sub.graph.nodes):
-            site = decide(node, options)
+        for node in (node for node in sub.graph.nodes if is_dropout(node) or is_sdpa(node)):
+            site = decide_sdpa(node, options) if is_sdpa(node) else decide(node, options)
             if reason:
                 site.rewritten, site.matches, site.reason = False, [], f"{reason}: not supported"
             sites.append(site)

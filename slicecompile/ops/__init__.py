@@ -8,7 +8,6 @@ from .dropout_attention import (
     dropout_attention,
     dropout_attention_with_mask,
 )
-from .dropout_bmm import dropout_bmm_reference, dropout_bmm_with_mask
 from .dropout_conv2d import ChannelMask, draw_channel_mask, dropout_conv2d, dropout_conv2d_with_mask
 from .input_dropout_linear import dropout_linear, dropout_linear_with_mask
 from .masks import DEFAULT_BLOCK, BlockMask, draw_block_mask
@@ -29,8 +28,6 @@ __all__ = [
     "dropout_attention",
     "dropout_attention_reference",
     "dropout_attention_with_mask",
-    "dropout_bmm_reference",
-    "dropout_bmm_with_mask",
     "dropout_conv2d",
     "dropout_conv2d_with_mask",
     "dropout_linear",

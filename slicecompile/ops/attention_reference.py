@@ -22,8 +22,11 @@ import torch
 def tile_elements(tiles, block, lq, lk):
     """The (B, H, lq, lk) bool element-wise mask of a (B, H, cdiv(lq, BM), cdiv(lk, BN)) tile
     table of block (BM, BN)."""
-    full = tiles.repeat_interleave(block[0], 2).repeat_interleave(block[1], 3)
-    return full[:, :, :lq, :lk]
+    # Gathered, not cut from repeated tiles: slicing a padded length adds a guard on it under
+    # torch.compile (a recompile for each length).
+    rows = torch.arange(lq, device=tiles.device) // block[0]
+    cols = torch.arange(lk, device=tiles.device) // block[1]
+    return tiles.index_select(2, rows).index_select(3, cols)
 
 
 def _grouped(t, heads):

@@ -21,7 +21,6 @@ import slicecompile.compiler.backend as backend
 from slicecompile import SliceWindow, draw_block_mask, draw_slice_window, dropout_linear, dropout_linear_reference
 from slicecompile.compiler.backend import slicecompile_backend
 from slicecompile.compiler.options import parse_options
-from slicecompile.ops.dropout_bmm import draw_batched_block_mask, dropout_bmm_reference
 from slicecompile.ops.dropout_conv2d import draw_channel_mask
 
 from conftest import DEVICE
@@ -308,48 +307,6 @@ def test_torch_encoder_layer_trains():
     compiled(example_input()).square().mean().backward()
     assert stats()["rewritten"] == 1 and stats()["skipped"] == 2
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-class AttentionProbs(nn.Module):
-    """(batch, heads, query, key) probabilities → dropout → @ V: the batched rewrite."""
-
-    def forward(self, q, v):
-        return F.dropout((q @ q.transpose(-2, -1)).softmax(dim=-1), P) @ v
-
-    @staticmethod
-    def reference(q, v, mask):
-        return dropout_bmm_reference((q @ q.transpose(-2, -1)).softmax(dim=-1), v, mask)
-
-
-def _check_attention_step(compiled, length, seed):
-    q, v = torch.randn(2, 2, length, 16, requires_grad=True), torch.randn(2, 2, length, 8, requires_grad=True)
-    torch.manual_seed(seed)
-    out = compiled(q, v)
-    grads = torch.autograd.grad(out.square().sum(), [q, v])
-    torch.manual_seed(seed)
-    mask = draw_batched_block_mask(4, length, length, P, BLOCK)
-    refs = {}
-    for dtype in (torch.float64, torch.float32):
-        q_ref, v_ref = (t.detach().to(dtype).requires_grad_() for t in (q, v))
-        ref = AttentionProbs.reference(q_ref, v_ref, mask)
-        refs[dtype] = [ref, *torch.autograd.grad(ref.square().sum(), [q_ref, v_ref])]
-    for i, actual in enumerate([out, *grads]):
-        assert_close(actual, refs[torch.float64][i], refs[torch.float32][i], ["y", "dq", "dv"][i])
-
-
-def test_attention_probability_dropout_matches_reference():
-    torch.manual_seed(0)
-    compiled = torch.compile(AttentionProbs(), backend=slicecompile_backend, options=OPTIONS, fullgraph=True)
-    _check_attention_step(compiled, 32, seed=1)
-    assert stats()["rewritten_dropout_bmm"] == 1
-
-
-def test_dynamic_sequence_length_compiles_once():
-    """A symbolic key length is the batched matmul's K: the mask's tile counts follow it."""
-    compiled = torch.compile(AttentionProbs(), backend=slicecompile_backend, options=OPTIONS, dynamic=True)
-    for seed, length in enumerate((32, 48, 40)):
-        _check_attention_step(compiled, length, seed)
-    assert stats()["graphs"] == 1 and stats()["rewritten_dropout_bmm"] == 1, stats()
 
 
 # ---- plumbing, with Inductor replaced by a stub -------------------------------------------

@@ -75,27 +75,27 @@ def test_table():
 
 
 class LinearAndAttention(nn.Module):
-    """A dropout before a linear layer and one before a batched matmul."""
+    """A dropout before a linear layer and one of attention probabilities."""
 
     def __init__(self):
         super().__init__()
         self.drop, self.fc = nn.Dropout(0.25), nn.Linear(32, 16)
 
     def forward(self, x):
-        return self.fc(self.drop(x)), torch.bmm(self.drop(x), x.transpose(1, 2))
+        return self.fc(self.drop(x)), torch.bmm(self.drop((x @ x.transpose(1, 2)).softmax(-1)), x)
 
 
 def test_policy_per_site():
-    """Under policy="slice", linear layers take windows; batched matmuls keep block tiles."""
+    """Under policy="slice", linear layers take windows; attention keeps block tiles."""
     block = explain(LinearAndAttention(), torch.randn(4, 8, 32), options=ALWAYS)
     assert [(s.pattern, s.policy, s.rewritten) for s in block.sites] == [
         ("dropout_linear", "block", True),
-        ("dropout_bmm", "block", True),
+        ("attention_dropout", "block", True),
     ]
     sliced = explain(LinearAndAttention(), torch.randn(4, 8, 32), options={**ALWAYS, "policy": "slice"})
     assert [(s.pattern, s.policy, s.rewritten) for s in sliced.sites] == [
         ("dropout_linear", "slice", True),
-        ("dropout_bmm", "block", True),
+        ("attention_dropout", "block", True),
     ]
     assert str(sliced).splitlines()[2].split()[5:8] == ["0.25", "input", "slice"]
 

@@ -1,8 +1,8 @@
 """Hugging Face transformers models, built from small configs (no weights, no network): BERT
-with a classification head, T5 and ViT, with eager attention. explain() lists their dropout
-sites; a compiled training step rewrites the expected ones and gives finite gradients; in
-training mode the compiled logits have the statistics of the model run eagerly with ordinary
-dropout, and in eval mode they are the eager logits.
+with a classification head, T5 and ViT, with eager attention, and with their default SDPA
+attention. explain() lists their dropout sites; a compiled training step rewrites the expected
+ones and gives finite gradients; in training mode the compiled logits have the statistics of the
+model run eagerly with ordinary dropout, and in eval mode they are the eager logits.
 
 Block size 16 and min_gemm_size 0, so that these tiny GEMMs are rewritten; sequence lengths
 and token counts (24, 17) are not multiples of the block: ragged tiles.
@@ -37,7 +37,7 @@ def _clear_counters():
     yield
 
 
-def _bert():
+def _bert(attention="eager"):
     config = transformers.BertConfig(
         vocab_size=64,
         hidden_size=32,
@@ -49,7 +49,7 @@ def _bert():
         attention_probs_dropout_prob=P,
         num_labels=3,
         problem_type="single_label_classification",  # else set on the first call: a recompile
-        attn_implementation="eager",
+        attn_implementation=attention,
     )
     input_ids = torch.randint(1, 64, (4, 24))
     attention_mask = torch.ones_like(input_ids)
@@ -58,7 +58,7 @@ def _bert():
     return transformers.BertForSequenceClassification(config), inputs
 
 
-def _t5():
+def _t5(attention="eager"):
     config = transformers.T5Config(
         vocab_size=64,
         d_model=32,
@@ -71,7 +71,7 @@ def _t5():
         dropout_rate=P,
         decoder_start_token_id=0,
         pad_token_id=0,
-        attn_implementation="eager",
+        attn_implementation=attention,
     )
     input_ids = torch.randint(1, 64, (4, 24))
     attention_mask = torch.ones_like(input_ids)
@@ -80,7 +80,7 @@ def _t5():
     return transformers.T5ForConditionalGeneration(config), inputs
 
 
-def _vit():
+def _vit(attention="eager"):
     config = transformers.ViTConfig(
         image_size=32,
         patch_size=8,  # 16 patches and the class token: 17 tokens
@@ -92,7 +92,7 @@ def _vit():
         attention_probs_dropout_prob=P,
         num_labels=3,
         problem_type="single_label_classification",
-        attn_implementation="eager",
+        attn_implementation=attention,
     )
     inputs = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 0])}
     return transformers.ViTForImageClassification(config), inputs
@@ -116,7 +116,7 @@ MODELS = {
             # Feeds the query, key and value projections, and the residual around attention.
             ("bert.embeddings.dropout", "add", None, RESIDUAL),
             # eager_attention_forward: F.dropout(softmax(scores + mask)) → torch.matmul(·, value).
-            ("bert.encoder.layer.0.attention.self", "matmul", "dropout_bmm", "rewritten"),
+            ("bert.encoder.layer.0.attention.self", "matmul", "attention_dropout", "rewritten"),
             # dense → dropout → add + LayerNorm, after attention and after the FFN.
             ("bert.encoder.layer.0.attention.output.dropout", "linear", "linear_dropout", "rewritten"),
             ("bert.encoder.layer.0.output.dropout", "linear", "linear_dropout", "rewritten"),
@@ -129,16 +129,16 @@ MODELS = {
         [
             # Feeds T5LayerNorm (whose first op is .to(float32)) and the residual.
             ("encoder.dropout", "to", None, "used by to (not a matmul input)"),
-            ("encoder.block.0.layer.0.SelfAttention", "matmul", "dropout_bmm", "rewritten"),
+            ("encoder.block.0.layer.0.SelfAttention", "matmul", "attention_dropout", "rewritten"),
             ("encoder.block.0.layer.0.dropout", "linear", "linear_dropout", "rewritten"),  # o → dropout → add
             ("encoder.block.0.layer.1.DenseReluDense.dropout", "linear", "dropout_linear", "rewritten"),  # → wo
             ("encoder.block.0.layer.1.dropout", "linear", None, one_side("encoder.block.0.layer.1.DenseReluDense")),
             # The encoder's output: returned (encoder_last_hidden_state) besides feeding cross-attention.
             ("encoder.dropout", "output", None, "used by output (not a matmul input)"),
             ("decoder.dropout", "to", None, "used by to (not a matmul input)"),
-            ("decoder.block.0.layer.0.SelfAttention", "matmul", "dropout_bmm", "rewritten"),
+            ("decoder.block.0.layer.0.SelfAttention", "matmul", "attention_dropout", "rewritten"),
             ("decoder.block.0.layer.0.dropout", "linear", "linear_dropout", "rewritten"),
-            ("decoder.block.0.layer.1.EncDecAttention", "matmul", "dropout_bmm", "rewritten"),
+            ("decoder.block.0.layer.1.EncDecAttention", "matmul", "attention_dropout", "rewritten"),
             ("decoder.block.0.layer.1.dropout", "linear", "linear_dropout", "rewritten"),
             ("decoder.block.0.layer.2.DenseReluDense.dropout", "linear", "dropout_linear", "rewritten"),
             ("decoder.block.0.layer.2.dropout", "linear", None, one_side("decoder.block.0.layer.2.DenseReluDense")),
@@ -151,7 +151,7 @@ MODELS = {
         "modeling_vit.py",
         [
             ("vit.embeddings.dropout", "layer_norm", None, "used by layer_norm (not a matmul input)"),
-            ("vit.layers.0.attention", "matmul", "dropout_bmm", "rewritten"),
+            ("vit.layers.0.attention", "matmul", "attention_dropout", "rewritten"),
             ("vit.layers.0.dropout", "linear", "linear_dropout", "rewritten"),  # after attention's output dense
             ("vit.layers.0.dropout", "linear", "linear_dropout", "rewritten"),  # after the MLP (no inner dropout)
         ],
@@ -159,10 +159,17 @@ MODELS = {
 }
 
 
-def _build(name):
+def _build(name, attention="eager"):
     torch.manual_seed(0)
-    model, inputs = MODELS[name][0]()
+    model, inputs = MODELS[name][0](attention)
     return model.train(), inputs
+
+
+def _with_sdpa(rows):
+    """The table of a model whose attention runs F.scaled_dot_product_attention: each eager
+    attention site becomes an SDPA call with dropout_p, in the same module."""
+    sdpa = lambda module: (module, "scaled_dot_product_attention", "sdpa_dropout", "rewritten")  # noqa: E731
+    return [sdpa(row[0]) if row[2] == "attention_dropout" else row for row in rows]
 
 
 def _training_stats(name):
@@ -196,15 +203,17 @@ def _explain_one_graph(model, inputs):
     return report
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", MODELS)
-def test_explain_lists_the_sites(name):
-    model, inputs = _build(name)
+def test_explain_lists_the_sites(name, attention):
+    model, inputs = _build(name, attention)
     _, modeling_file, expected = MODELS[name]
     report = _explain_one_graph(model, inputs)
     reason = lambda site: re.sub(r"(\.py):\d+", r"\1", site.reason)  # noqa: E731
     rows = [(s.module, s.consumer, s.pattern if s.rewritten else None, reason(s)) for s in report.sites]
-    assert rows == expected
-    assert all(s.p == P and s.location.startswith(f"{modeling_file}:") for s in report.sites)
+    assert rows == (expected if attention == "eager" else _with_sdpa(expected))
+    files = (f"{modeling_file}:", "sdpa_attention.py:")
+    assert all(s.p == P and s.location.startswith(files) for s in report.sites)
 
 
 def _samples(run):

@@ -64,7 +64,7 @@ def test_rewrites_in_one_chain_compose():
     torch.manual_seed(0)
     _compare_with_eager(AttentionChain(TINY_P), torch.randn(2, 16, 32), OPTIONS)
     stats = counters["slicecompile"]
-    assert stats["rewritten_dropout_bmm"] == stats["rewritten_linear_dropout"] == 1
+    assert stats["rewritten_attention_dropout"] == stats["rewritten_linear_dropout"] == 1
     assert stats["rewritten"] == stats["sites"] == 2 and "fallback" not in stats
 
 
@@ -77,7 +77,7 @@ def test_a_failed_site_is_skipped_alone(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="slicecompile"):
         _compare_with_eager(AttentionChain(TINY_P), torch.randn(2, 16, 32), OPTIONS)
     stats = counters["slicecompile"]
-    assert stats["rewritten"] == stats["rewritten_dropout_bmm"] == stats["skipped"] == 1
+    assert stats["rewritten"] == stats["rewritten_attention_dropout"] == stats["skipped"] == 1
     assert "fallback" not in stats
     assert "rewriting dropout" in caplog.text and "simulated failure" in caplog.text
 

@@ -10,13 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slicecompile import draw_block_mask
+from slicecompile import draw_attention_mask, draw_block_mask
 from slicecompile.compiler.graphs import graph_modules
 from slicecompile.compiler.options import Options
 from slicecompile.compiler.patterns import is_dropout, is_scaling
 from slicecompile.compiler.rewrite import rewrite
 from slicecompile.compiler.sites import find_sites
-from slicecompile.ops.dropout_bmm import batched_elements, draw_batched_block_mask
 from slicecompile.ops.dropout_conv2d import draw_channel_mask
 
 from models_by_others import EXPECTED, example_input
@@ -39,15 +38,15 @@ def dynamo_graph(model, *args):
     return graphs[0]
 
 
-def batched_block_masked(seed):
-    """masked(t) for a batched matmul's left operand: one block mask per (M, K) matrix."""
+def attention_masked(seed):
+    """masked(probs) for attention probabilities (B, H, Lq, Lk), or (H, Lq, Lk) as batch 1: the
+    tile mask the fused attention draws after torch.manual_seed(seed)."""
 
-    def masked(t):
+    def masked(probs):
         torch.manual_seed(seed)
-        a = t.reshape(-1, *t.shape[-2:])
-        mask = draw_batched_block_mask(a.shape[0], *a.shape[1:], P, BLOCK)
-        elements = batched_elements(mask.kept, mask.count, a.shape, BLOCK, P)
-        return (a * elements.to(t.dtype) * mask.scale).reshape(t.shape)
+        planes = probs if probs.dim() == 4 else probs.unsqueeze(0)
+        mask = draw_attention_mask(*planes.shape, P, BLOCK)
+        return (planes * mask.elements().to(probs.dtype) * mask.scale).reshape(probs.shape)
 
     return masked
 
@@ -182,9 +181,10 @@ class SharedByTwoLinears(nn.Module):
 
 
 class AttentionBmm(nn.Module):
-    """Attention probabilities → dropout → bmm with V; tiles cover each (query, key) plane."""
+    """Attention probabilities → dropout → bmm with V: the fused attention, its tiles covering
+    each (query, key) plane."""
 
-    pattern, shape, batched = "dropout_bmm", (3, 24, 32), True
+    pattern, shape, attention = "attention_dropout", (3, 24, 32), True
 
     def forward(self, x):
         return torch.bmm(F.dropout((x @ x.transpose(1, 2)).softmax(dim=-1), P), x)
@@ -259,7 +259,7 @@ def test_rewrites_and_matches_reference(case):
     torch.manual_seed(1)
     actual = gm(*inputs)
 
-    masked = batched_block_masked if getattr(case, "batched", False) else block_masked
+    masked = attention_masked if getattr(case, "attention", False) else block_masked
     masked = getattr(case, "masked", masked)
     same = model.reference(x, masked(seed=1))
     wide = copy.deepcopy(model).double().reference(x.double(), masked(seed=1))

@@ -31,7 +31,7 @@ def test_model_dropouts_are_rewritten():
     x = torch.randint(256, (2, 16))
     report = explain(model, x, x, options={"min_gemm_size": 0})
     assert [(site.pattern, site.rewritten) for site in report.sites] == [
-        ("dropout_bmm", True),
+        ("attention_dropout", True),
         ("dropout_linear", True),
     ] * 2
 

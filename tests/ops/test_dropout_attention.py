@@ -392,7 +392,8 @@ def test_mask_must_fit_the_attention():
 @pytest.mark.gpu
 def test_devices_must_match():
     with pytest.raises(ValueError, match="one device"):
-        dropout_attention(torch.randn(1, 2, 8, 16, device="cuda"), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+        cpu = [torch.randn(1, 2, 8, 16, device="cpu") for _ in range(2)]
+        dropout_attention(torch.randn(1, 2, 8, 16, device="cuda"), *cpu)
 
 
 @pytest.mark.gpu

@@ -24,11 +24,12 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from slicecompile.ops import (
+    draw_attention_mask,
     draw_block_mask,
     draw_channel_mask,
     draw_slice_window,
-    dropout_bmm_reference,
-    dropout_bmm_with_mask,
+    dropout_attention_reference,
+    dropout_attention_with_mask,
     dropout_conv2d,
     dropout_conv2d_with_mask,
     dropout_linear,
@@ -40,7 +41,6 @@ from slicecompile.ops import (
     slice_dropout_linear,
     slice_dropout_linear_with_window,
 )
-from slicecompile.ops.dropout_bmm import draw_batched_block_mask
 
 from conftest import DEVICE
 from tolerance import assert_close
@@ -176,8 +176,9 @@ def _conv_inputs(dtype):
     return x.to(dtype), w.to(dtype), torch.randn(6, device=DEVICE).to(dtype)
 
 
-def _bmm_inputs(dtype):
-    return torch.randn(3, 20, 37, device=DEVICE).to(dtype), torch.randn(3, 37, 8, device=DEVICE).to(dtype)
+def _attention_inputs(dtype):
+    q, k, v = (torch.randn(2, 3, length, e, device=DEVICE) for length, e in ((20, 16), (37, 16), (37, 8)))
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def _slice_reference(x, w, b, window):
@@ -266,11 +267,11 @@ CASES = {
         lambda x, w, b, mask: dropout_conv2d_with_mask(x, w, b, mask, padding=1),
         _conv_reference,
     ),
-    "dropout_bmm_with_mask": (
-        _bmm_inputs,
-        lambda: draw_batched_block_mask(3, 20, 37, P, BLOCK, device=DEVICE),
-        dropout_bmm_with_mask,
-        dropout_bmm_reference,
+    "dropout_attention_with_mask": (
+        _attention_inputs,
+        lambda: draw_attention_mask(2, 3, 20, 37, P, BLOCK, device=DEVICE),
+        dropout_attention_with_mask,
+        dropout_attention_reference,
     ),
 }
 
