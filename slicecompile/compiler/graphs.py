@@ -56,14 +56,16 @@ def restart_with_constant_p(gm):
     """With dynamic=True, Dynamo passes float attributes (nn.Dropout.p, a global P) as tensors
     read back with .item(), so p reaches the pass as a node. AOTAutograd would later ask
     Dynamo to retrace with those floats constant, after a wasted compile; ask now, the same way.
-    A p already pinned to a constant (patterns.dropout_p) needs no retrace: inside a
-    checkpointed region the retrace would not make it constant, and Dynamo would retrace again."""
+    Inside a checkpointed region the retrace cannot make p constant (the body reads it with
+    .item() itself), so Dynamo would retrace forever: there a p the shape environment has
+    pinned (patterns.dropout_p) is taken as it is."""
     names = set()
-    dropouts = (node for sub, _ in graph_modules(gm) for node in filter(is_dropout, sub.graph.nodes))
-    for node in dropouts:
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
-        value = p.meta.get("example_value") if isinstance(p, torch.fx.Node) else None
-        if isinstance(value, torch.SymFloat) and not value.node.expr.is_number:
+    for sub, _ in graph_modules(gm):
+        for node in filter(is_dropout, sub.graph.nodes):
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+            value = p.meta.get("example_value") if isinstance(p, torch.fx.Node) else None
+            if not isinstance(value, torch.SymFloat) or (sub is not gm and value.node.expr.is_number):
+                continue
             expr = getattr(value.node, "_expr", value.node.expr)  # the symbol itself, before its replacement
             names |= {str(s) for s in expr.free_symbols if symbol_is_type(s, SymT.FLOAT)}
     if names:

@@ -299,13 +299,14 @@ def test_autocast_computes_in_the_autocast_dtype():
 
 
 def test_torch_encoder_layer_trains():
-    """torch.nn.TransformerEncoderLayer: its FFN dropout is rewritten, the residual ones are not,
-    and a compiled training step gives every parameter a finite gradient."""
+    """torch.nn.TransformerEncoderLayer: its FFN dropout and its attention (SDPA inside
+    nn.MultiheadAttention) are rewritten, the residual dropouts are not, and a compiled training
+    step gives every parameter a finite gradient."""
     torch.manual_seed(0)
     model = TorchEncoderLayer()
     compiled = torch.compile(model, backend=slicecompile_backend, options=OPTIONS, fullgraph=True)
     compiled(example_input()).square().mean().backward()
-    assert stats()["rewritten"] == 1 and stats()["skipped"] == 2
+    assert stats()["rewritten"] == 2 and stats()["rewritten_sdpa_dropout"] == 1 and stats()["skipped"] == 2
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
