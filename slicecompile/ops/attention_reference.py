@@ -22,11 +22,16 @@ import torch
 def tile_elements(tiles, block, lq, lk):
     """The (B, H, lq, lk) bool element-wise mask of a (B, H, cdiv(lq, BM), cdiv(lk, BN)) tile
     table of block (BM, BN)."""
-    # Gathered, not cut from repeated tiles: slicing a padded length adds a guard on it under
-    # torch.compile (a recompile for each length).
-    rows = torch.arange(lq, device=tiles.device) // block[0]
-    cols = torch.arange(lk, device=tiles.device) // block[1]
-    return tiles.index_select(2, rows).index_select(3, cols)
+
+    # One-hot products rather than tiles repeated and cut to length: under torch.compile a cut
+    # adds a guard on the length (a recompile per length), and Inductor's CPU code for an
+    # index_select of the tiles failed its bounds check in T5's backward (torch 2.13).
+    def one_hot(length, side, count):
+        tile = torch.arange(length, device=tiles.device) // side
+        return (tile[:, None] == torch.arange(count, device=tiles.device)).float()
+
+    rows, cols = one_hot(lq, block[0], tiles.shape[2]), one_hot(lk, block[1], tiles.shape[3])
+    return (rows @ tiles.float() @ cols.T) > 0.5
 
 
 def _grouped(t, heads):
