@@ -34,6 +34,7 @@ CAST_METHODS = {"to", "type", "type_as", "float", "half", "bfloat16"}
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm}
 MATMUL_METHODS = {"matmul", "__matmul__", "bmm"}
 ADD_FUNCTIONS, ADD_METHODS = {operator.add, operator.iadd, torch.add}, {"add"}
+NOT_ATTENTION = "batched matmul that is not attention (softmax → dropout → @ v): left to Inductor"
 # A fill at most this large empties its score's probability in any row with a key left.
 MAX_FILL = -1e4
 
@@ -164,7 +165,7 @@ def probabilities_source(dropout):
         nodes.append(node)
         node = node.args[0]
     if not (isinstance(node, Node) and _is_softmax(node)):
-        return "batched matmul that is not attention (softmax → dropout → @ v): left to Inductor"
+        return NOT_ATTENTION
     if len(node.users) > 1:
         return "the attention probabilities are read elsewhere (returned, or a head mask)"
     dim = arg_of(node, 1, "dim")

@@ -1,7 +1,10 @@
 """The FX graphs Dynamo hands the backend: their higher-order ops' subgraphs, a copy to rewrite,
-and the restart Dynamo needs when p arrives as a symbolic float."""
+the restart Dynamo needs when p arrives as a symbolic float, and where a node came from (its
+module path and source line)."""
 
 import copy
+import os
+import re
 
 import torch
 from torch._dynamo.exc import TensorifyScalarRestartAnalysis
@@ -72,3 +75,27 @@ def restart_with_constant_p(gm):
         for name in sorted(names):
             TensorifyState.specialize(name)
         raise TensorifyScalarRestartAnalysis
+
+
+def module_path(node):
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]  # e.g. "L['self'].layers[0].dropout"
+    path = re.sub(r"^[LG]\['[^']*'\]", "", path)  # the frame's local or global the module came from
+    return re.sub(r"\['?([^'\]]*)'?\]", r".\1", path).replace("_modules.", "").strip(".")
+
+
+TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def location(node):
+    """file:line of the innermost user frame that made the node (torch's own frames, such as
+    a default-device context's, are skipped)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    user = [(path, line) for path, line in frames if not path.startswith(TORCH_DIR)]
+    if not user:
+        return ""
+    path, line = user[-1]
+    return f"{os.path.basename(path)}:{line}"

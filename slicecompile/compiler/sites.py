@@ -6,19 +6,27 @@ a dropout (training, constant 0 < p < 1) whose users all reach the *input* opera
 matmul against a 2-D weight, possibly through views and scalings by a number. The matmul kinds
 are the named rows of patterns.PATTERNS; rewrite.py turns a matched site into the block-dropout
 op. A conv2d takes the dropout directly (no view between), as channel-structured dropout
-(ops/dropout_conv2d.py). Sites inside activation checkpointing's subgraphs count too.
+(ops/dropout_conv2d.py). Attention (attention_patterns.py) has two kinds of site: a dropout of
+softmax probabilities before @ v, and a scaled_dot_product_attention (or multi-head attention)
+call with dropout, whose node is the site. Sites inside activation checkpointing's subgraphs
+count too.
 """
 
-import os
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Node
 
 from ..ops.checks import SUPPORTED_DTYPES
-from .attention_patterns import attention_reason, is_sdpa, match_eager_attention, match_sdpa, probabilities_source
-from .graphs import graph_modules
+from .attention_patterns import (
+    NOT_ATTENTION,
+    attention_reason,
+    is_sdpa,
+    match_eager_attention,
+    match_sdpa,
+    probabilities_source,
+)
+from .graphs import graph_modules, location, module_path
 from .patterns import (
     arg_of,
     describe,
@@ -188,8 +196,8 @@ def _site(dropout):
     p = dropout_p(dropout)
     return Site(
         name=dropout.name,
-        module=_module_path(dropout),
-        location=_location(dropout),
+        module=module_path(dropout),
+        location=location(dropout),
         p=float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else None,
         consumer="",
         pattern=None,
@@ -247,7 +255,7 @@ def _attention(site, dropout, options):
     else:
         ((pv, batched),) = site.matches
         match = match_eager_attention(dropout, pv, batched.operand)
-    if isinstance(match, str) and match.startswith("batched matmul that is not attention"):
+    if match == NOT_ATTENTION:
         site.matches, site.reason = [], site.reason or match
         return _finish(site, None, options)
     site.pattern = "attention_dropout"
@@ -370,27 +378,3 @@ def _one_side_per_matmul(sites):
                 f"the {site.consumer}'s input is block-dropped already by {where or by.name}: one side per matmul"
             )
     return sites
-
-
-def _module_path(node):
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]  # e.g. "L['self'].layers[0].dropout"
-    path = re.sub(r"^[LG]\['[^']*'\]", "", path)  # the frame's local or global the module came from
-    return re.sub(r"\['?([^'\]]*)'?\]", r".\1", path).replace("_modules.", "").strip(".")
-
-
-TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-def _location(node):
-    """file:line of the innermost user frame that made the node (torch's own frames, such as
-    a default-device context's, are skipped)."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
-    user = [(path, line) for path, line in frames if not path.startswith(TORCH_DIR)]
-    if not user:
-        return ""
-    path, line = user[-1]
-    return f"{os.path.basename(path)}:{line}"

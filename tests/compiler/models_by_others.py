@@ -1,6 +1,8 @@
 """Small modules written the way other code bases write them (torch.nn, T5, timm's ViT,
-classifier heads, attention), each wrapped in a user-defined module: Dynamo does not
+classifier heads, timm's and nanoGPT's attention), each wrapped in a user-defined module: Dynamo does not
 trace torch.nn's own classes as top-level frames."""
+
+import math
 
 import torch
 import torch.nn as nn
@@ -78,6 +80,32 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+class NanoGptAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention: its flash path (SDPA with dropout_p in training), or its
+    manual path (masked_fill by a registered causal buffer, softmax, dropout, @ v)."""
+
+    def __init__(self, flash, p=0.1, context=16):
+        super().__init__()
+        self.flash, self.p = flash, p
+        self.c_attn, self.c_proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(p), nn.Dropout(p)
+        self.register_buffer("bias", torch.tril(torch.ones(context, context)).view(1, 1, context, context))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, HEADS, C // HEADS).transpose(1, 2) for t in (q, k, v))
+        if self.flash:
+            p = self.p if self.training else 0
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            y = self.attn_dropout(torch.nn.functional.softmax(att, dim=-1)) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
 def one_side(by):
     """The reason for an output-side site whose linear already takes an input-side site's input."""
     return f"the linear's input is block-dropped already by {by}: one side per matmul"
@@ -88,11 +116,12 @@ EXPECTED = {
     "torch_encoder_layer": (
         TorchEncoderLayer,
         [
+            ("layer.self_attn", "rewritten"),  # nn.MultiheadAttention's SDPA call
             ("layer.dropout1", "used by add (not a matmul input)"),
             ("layer.dropout", "rewritten"),
             (
                 "layer.dropout2",
-                one_side("layer.dropout (models_by_others.py:20)"),
+                one_side("layer.dropout (models_by_others.py:22)"),
             ),
         ],
     ),
@@ -102,7 +131,7 @@ EXPECTED = {
             ("dropout", "rewritten"),
             (
                 "dropout",
-                one_side("dropout (models_by_others.py:34)"),
+                one_side("dropout (models_by_others.py:36)"),
             ),
         ],
     ),
@@ -112,7 +141,7 @@ EXPECTED = {
             ("drop1", "rewritten"),
             (
                 "drop2",
-                one_side("drop1 (models_by_others.py:49)"),
+                one_side("drop1 (models_by_others.py:51)"),
             ),
         ],
     ),
@@ -120,6 +149,14 @@ EXPECTED = {
     "attention": (
         Attention,
         [("attn_drop", "rewritten"), ("proj_drop", "rewritten")],
+    ),
+    "nanogpt_manual": (
+        lambda: NanoGptAttention(flash=False),
+        [("attn_dropout", "rewritten"), ("resid_dropout", "rewritten")],
+    ),
+    "nanogpt_flash": (
+        lambda: NanoGptAttention(flash=True),
+        [("", "rewritten"), ("resid_dropout", "rewritten")],
     ),
 }
 

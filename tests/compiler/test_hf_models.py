@@ -1,5 +1,5 @@
 """Hugging Face transformers models, built from small configs (no weights, no network): BERT
-with a classification head, T5 and ViT, with eager attention, and with their default SDPA
+and GPT-2 with a classification head, T5 and ViT, with eager attention, and with their default SDPA
 attention. explain() lists their dropout sites; a compiled training step rewrites the expected
 ones and gives finite gradients; in training mode the compiled logits have the statistics of the
 model run eagerly with ordinary dropout, and in eval mode they are the eager logits.
@@ -56,6 +56,30 @@ def _bert(attention="eager"):
     attention_mask[1, 18:] = 0  # padding, added to the scores before the softmax
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 2, 0])}
     return transformers.BertForSequenceClassification(config), inputs
+
+
+def _gpt2(attention="eager"):
+    config = transformers.GPT2Config(
+        vocab_size=64,
+        n_positions=32,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=P,
+        embd_pdrop=P,
+        attn_pdrop=P,
+        num_labels=3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        problem_type="single_label_classification",
+        attn_implementation=attention,
+    )
+    input_ids = torch.randint(3, 64, (4, 24))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 18:] = 0
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 2, 0])}
+    return transformers.GPT2ForSequenceClassification(config), inputs
 
 
 def _t5(attention="eager"):
@@ -121,6 +145,18 @@ MODELS = {
             ("bert.encoder.layer.0.attention.output.dropout", "linear", "linear_dropout", "rewritten"),
             ("bert.encoder.layer.0.output.dropout", "linear", "linear_dropout", "rewritten"),
             ("dropout", "linear", "dropout_linear", "rewritten"),  # the classifier head's
+        ],
+    ),
+    "gpt2": (
+        _gpt2,
+        "modeling_gpt2.py",
+        [
+            ("transformer.drop", "layer_norm", None, "used by layer_norm (not a matmul input)"),
+            # eager_attention_forward: F.dropout(softmax(scores * scaling + mask).type(v)) → matmul(·, value).
+            ("transformer.h.0.attn", "matmul", "attention_dropout", "rewritten"),
+            # Conv1D (addmm) → dropout → add, after attention and after the MLP.
+            ("transformer.h.0.attn.resid_dropout", "addmm", "addmm_dropout", "rewritten"),
+            ("transformer.h.0.mlp.dropout", "addmm", "addmm_dropout", "rewritten"),
         ],
     ),
     "t5": (
