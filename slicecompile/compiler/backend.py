@@ -55,8 +55,13 @@ _REWRITTEN_BEFORE = set()
 
 
 def _frame():
+    """Dynamo's id of the frame being compiled. Its first compile forgets what was recorded under
+    that id: torch._dynamo.reset() numbers frames from 0 again, for other code."""
     compile_id = torch._guards.CompileContext.current_compile_id()
-    return getattr(compile_id, "frame_id", None)
+    frame = getattr(compile_id, "frame_id", None)
+    if getattr(compile_id, "frame_compile_id", None) == 0:
+        _REWRITTEN_BEFORE.difference_update({key for key in _REWRITTEN_BEFORE if key[0] == frame})
+    return frame
 
 
 def _log_sites(sites):

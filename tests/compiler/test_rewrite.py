@@ -123,3 +123,16 @@ def test_a_recompile_that_loses_a_site_warns(caplog):
         model.train()
         compiled(torch.randn(8, 32))  # now below min_gemm_size: element dropout again
     assert "rewritten by an earlier compile, now skipped: GEMM too small" in caplog.text
+
+
+def test_a_compile_after_a_reset_is_no_recompile(caplog):
+    """torch._dynamo.reset() numbers frames from 0 again: a site of other code (here the same
+    code, compiled afresh with other options) that is skipped does not warn."""
+    options = OPTIONS | {"min_gemm_size": 64 * 32 * 32}
+    with caplog.at_level(logging.WARNING, logger="slicecompile"):
+        torch.compile(Recompiled(), backend="slicecompile", options=options)(torch.randn(64, 32))
+        assert counters["slicecompile"]["rewritten"] == 1
+        torch._dynamo.reset()
+        torch.compile(Recompiled(), backend="slicecompile", options=options)(torch.randn(8, 32))
+        assert counters["slicecompile"]["skipped"] == 1
+    assert not caplog.text
