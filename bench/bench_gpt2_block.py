@@ -5,9 +5,11 @@ eager, backend="inductor" and backend="slicecompile". Its dropouts are GPT-2's: 
 attention, and the residual dropouts (c_proj -> dropout -> residual add) after attention and after the MLP.
 For each p it prints slicecompile.explain's site table, then per backend the median step time, the summed
 GPU kernel time of a step (torch.profiler), the loss over the run and the step time relative to inductor's,
-and appends rows to bench/results/gpt2_block.csv.
+and appends rows to bench/results/gpt2_block.csv. --model hf runs Hugging Face's GPT2Model instead, with its
+default attention (SDPA with dropout_p: the sdpa_dropout row), and appends to gpt2_block_hf.csv.
 
     python bench/bench_gpt2_block.py --p 0.1 0.5
+    python bench/bench_gpt2_block.py --model hf    # Hugging Face's GPT2Model, default (SDPA) attention
     python bench/bench_gpt2_block.py --backends inductor slicecompile-output --cudagraphs
     python bench/bench_gpt2_block.py --device cpu --d-model 128 --heads 4 --seq 64 --batch 2 --layers 2 \\
         --steps 3 --warmup 1 --csv /tmp/gpt2_block.csv    # CPU smoke run: perf_counter timing, no kernel time
@@ -97,8 +99,30 @@ class GPT2Blocks(nn.Module):
         return self.ln_f(self.blocks(x))
 
 
+class HuggingFaceGPT2(nn.Module):
+    """Hugging Face's GPT2Model with its default attention (F.scaled_dot_product_attention with
+    dropout_p in training), fed the hidden states as inputs_embeds (its position embeddings and
+    embedding dropout included)."""
+
+    def __init__(self, d_model, heads, seq, layers, p):
+        super().__init__()
+        import transformers
+
+        config = transformers.GPT2Config(
+            vocab_size=8, n_positions=seq, n_embd=d_model, n_head=heads, n_layer=layers,
+            resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+        )  # fmt: skip
+        self.gpt2 = transformers.GPT2Model(config)
+
+    def forward(self, x):
+        return self.gpt2(inputs_embeds=x).last_hidden_state
+
+
+MODELS = {"nanogpt": GPT2Blocks, "hf": HuggingFaceGPT2}
+
+
 def make_model(p, args):
-    return GPT2Blocks(args.d_model, args.heads, args.seq, args.layers, p).to(args.device)
+    return MODELS[args.model](args.d_model, args.heads, args.seq, args.layers, p).to(args.device)
 
 
 def train(backend, p, args, batches):
@@ -129,6 +153,7 @@ def train(backend, p, args, batches):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="nanogpt", help="hf: Hugging Face's GPT2Model (SDPA)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
     parser.add_argument("--p", type=float, nargs="+", default=[0.1, 0.5])
@@ -144,8 +169,9 @@ def main():
         "--cudagraphs", action="store_true", help="compile with CUDA graphs (Inductor's triton.cudagraphs)"
     )
     parser.add_argument("--device", type=torch.device, default=torch.device("cuda"))
-    parser.add_argument("--csv", type=pathlib.Path, default=RESULTS / "gpt2_block.csv")
+    parser.add_argument("--csv", type=pathlib.Path, default=None, help="default: results/gpt2_block[_hf].csv")
     args = parser.parse_args()
+    args.csv = args.csv or RESULTS / ("gpt2_block.csv" if args.model == "nanogpt" else f"gpt2_block_{args.model}.csv")
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
 

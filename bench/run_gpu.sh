@@ -52,7 +52,9 @@ for part in $parts; do
       python3 bench/bench_gpt2_block.py --p 0.1 0.5 --steps 30 --backends eager inductor slicecompile \
         slicecompile-input slicecompile-output 2>&1 | tee "$out/bench_gpt2_block.log"
       python3 bench/bench_gpt2_block.py --p 0.5 --steps 30 --backends inductor slicecompile slicecompile-output \
-        --cudagraphs 2>&1 | tee "$out/bench_gpt2_block_cudagraphs.log" ;;
+        --cudagraphs 2>&1 | tee "$out/bench_gpt2_block_cudagraphs.log"
+      python3 bench/bench_gpt2_block.py --model hf --p 0.1 0.5 --steps 30 --backends inductor slicecompile 2>&1 \
+        | tee "$out/bench_gpt2_block_hf.log" ;;
     encoder)
       python3 bench/bench_encoder.py --steps 50 2>&1 | tee "$out/bench_encoder.log" ;;
     slice)
