@@ -4,10 +4,9 @@ nn.MultiheadAttention's F.multi_head_attention_forward, which Dynamo keeps as on
 calls SDPA when need_weights=False). Both become ops/dropout_attention.py's fused op; this module
 only matches.
 
-Eager scores are q @ kᵀ followed by any chain of: scalings by a number, a symbolic
-number or a 0-d tensor, additive
-masks (`+`, `+=`), `masked_fill` / `torch.where` with a boolean mask and a fill of -inf or at most
--1e4, and dtype casts. Each op is affine in q @ kᵀ, so the chain is α · q kᵀ + β: α (the
+Eager scores are q @ kᵀ followed by any chain of: scalings by a number, a symbolic number or a
+0-d tensor, additive masks (`+`, `+=`), `masked_fill` / `torch.where` with a boolean mask and a
+fill of -inf or at most -1e4, and dtype casts. Each op is affine in q @ kᵀ, so the chain is α · q kᵀ + β: α (the
 scalings) goes to the op's scale (numbers) or into q (tensors), and β is the chain replayed on a
 zero score (rewrite.py), the op's additive attn_mask. Where a fill replaces a score, the op adds
 the score to the fill instead: the same probabilities, since exp(fill − max) underflows to zero,
@@ -43,8 +42,8 @@ class AttentionMatch(NamedTuple):
     """What the fused op needs, as graph nodes: q (..., Lq, E); key_t, the right operand of
     q @ kᵀ (..., E, Lk) (k itself for SDPA: (..., Lk, E)); v (..., Lk, Ev); chain: the score ops
     between q @ kᵀ and the softmax, in order; scale: the numbers' product (None: SDPA's
-    default); tensor_scales: (0-d tensor or symbolic number, divides) pairs; masked: whether the chain adds or
-    fills; gemm: (M, K, N) of q kᵀ, then of P v, over all heads."""
+    default); tensor_scales: (0-d tensor or symbolic number, divides) pairs; masked: whether
+    the chain adds or fills; gemms: (M, K, N) of q kᵀ, then of P v, over all heads."""
 
     q: Node
     key_t: Node
@@ -122,7 +121,7 @@ def _score_step(node, value):
         return "mask"
     if _is_cast(node) and node.args[0] is value:
         return "cast"
-    fills = {"masked_fill": 2} if node.op == "call_method" else {torch.masked_fill: 2, torch.where: None}
+    fills = ("masked_fill",) if node.op == "call_method" else (torch.masked_fill, torch.where)
     if node.target in fills and not node.kwargs and len(node.args) == 3:
         if node.target is torch.where:
             fill = node.args[2] if node.args[1] is value else node.args[1]
