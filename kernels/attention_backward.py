@@ -134,6 +134,9 @@ def attention_grad_kv_kernel(
     dV += (P s)ᵀ dO and dP = dO Vᵀ s, on dropped ones dP = 0; dS = P (dP − D); dK += dSᵀ Q.
     dK is scaled by scale at the end. STORE_DS also writes dS (the additive mask's gradient)."""
     tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BN % BLOCK_N == 0, "tiles must divide the mask's block")
+    # Inductor passes Python floats as float64: see attention_forward_kernel.
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -238,6 +241,9 @@ def attention_grad_q_kernel(
     (under IS_CAUSAL those up to the diagonal) P = exp(S − lse); dP = dO Vᵀ s on kept tiles, 0
     on dropped ones (V not loaded); dQ += P (dP − D) K; scaled by scale at the end."""
     tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BN % BLOCK_N == 0, "tiles must divide the mask's block")
+    # Inductor passes Python floats as float64: see attention_forward_kernel.
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
+    drop_scale = tl.cast(drop_scale, tl.float32)
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)

@@ -93,6 +93,9 @@ def attention_forward_kernel(
     past the diagonal are never visited. BLOCK_M divides MASK_BM and BLOCK_N divides MASK_BN;
     BLOCK_E and BLOCK_EV are E and EV padded to powers of two."""
     tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BN % BLOCK_N == 0, "tiles must divide the mask's block")
+    # Inductor passes Python floats to a user kernel as float64 (torch 2.11, H200): in float32 they
+    # keep the online softmax's carried values, and the dot accumulator, float32.
+    qk_scale, drop_scale = tl.cast(qk_scale, tl.float32), tl.cast(drop_scale, tl.float32)
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
