@@ -330,6 +330,8 @@ EMPTY = {
 
 @pytest.mark.parametrize("B, H, Hk, Lq, Lk", EMPTY.values(), ids=EMPTY.keys())
 def test_empty_inputs_give_what_sdpa_gives(B, H, Hk, Lq, Lk):
+    if H == 0 and DEVICE == "cuda":
+        pytest.skip("SDPA's own CUDA backward fails an internal assert with no heads (torch 2.11, H200)")
     results = []
     for fn in (lambda *t: dropout_attention(*t, dropout_p=0.5, block=16), F.scaled_dot_product_attention):
         torch.manual_seed(0)
