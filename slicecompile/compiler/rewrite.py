@@ -72,13 +72,12 @@ def conv2d_under_channel_mask(x, weight, bias, conv, p, policy, samples_per_grou
 
 
 def attention_under_block_dropout(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, block, dtype, eager):
-    """dropout_attention in dtype with SDPA's arguments; for eager attention (eager=(tensor
-    scales, k transposed)), q is first scaled by the 0-d tensors and k is given as kᵀ."""
+    """dropout_attention in dtype with SDPA's arguments; for eager attention (eager: its (0-d
+    tensor or symbolic number, divides) scalings), k is given as kᵀ and q is scaled first."""
     if eager is not None:
-        tensor_scales, key_transposed = eager
-        for factor, divides in tensor_scales:
+        for factor, divides in eager:
             q = q / factor if divides else q * factor
-        k = k.transpose(-2, -1) if key_transposed else k
+        k = k.transpose(-2, -1)
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, dtype):
         attn_mask = attn_mask.float()
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -211,7 +210,7 @@ def _attention_replacements(graph, site, block):
     with graph.inserting_before(node):
         attn_mask = _replayed_mask(graph, match) if eager else match.attn_mask
         args = (match.q, match.key_t, match.v, attn_mask, site.p, match.is_causal, match.scale, match.enable_gqa)
-        args += (block, dtype, (match.tensor_scales, True) if eager else None)
+        args += (block, dtype, match.tensor_scales if eager else None)
         return [(node, graph.call_function(attention_under_block_dropout, args))]
 
 
