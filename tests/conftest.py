@@ -12,6 +12,7 @@ os.environ.setdefault("SLICECOMPILE_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 from hypothesis import Phase, settings  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=20, print_blob=True)
 # On a GPU every new shape compiles kernels: report a failing example as found, unshrunk.
@@ -37,7 +38,9 @@ def _default_device():
 
 @pytest.fixture(autouse=True)
 def _reset_dynamo():
+    """A fresh Dynamo, and slicecompile's counters at zero, for each test."""
     torch._dynamo.reset()
+    counters["slicecompile"].clear()
     yield
     torch._dynamo.reset()
 

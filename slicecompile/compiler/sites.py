@@ -210,8 +210,6 @@ def _site(dropout):
 
 def _finish(site, operand, options):
     site.gemms = tuple(match.gemm for _, match in site.matches)
-    if not site.matches:
-        site.reason = site.reason or "no matmul"
     site.reason = site.reason or _operand_reason(operand, site.matches, options) or _policy_reason(site)
     site.rewritten = not site.reason
     site.reason = site.reason or "rewritten"
@@ -223,12 +221,13 @@ def _input_side(dropout, options):
     site = _site(dropout)
     consumers, blocker = _consumers(dropout)
     site.consumer = blocker[0] if blocker else "+".join(describe(node) for node, _, _ in consumers)
-    site.reason = _flag_reason(dropout, options) or (blocker[1] if blocker else None)
+    flag_reason = _flag_reason(dropout, options)
+    site.reason = flag_reason or (blocker[1] if blocker else None)
     if not consumers and not site.reason:
         site.reason = "result unused"
     if blocker and not isinstance(probabilities_source(dropout), str):
         site.side, site.pattern = "attention", "attention_dropout"
-        site.reason = _flag_reason(dropout, options) or f"the attention probabilities are read elsewhere: {blocker[1]}"
+        site.reason = flag_reason or f"the attention probabilities are read elsewhere: {blocker[1]}"
         return _finish(site, None, options), True
     if not site.reason and not options.input_side:
         site.reason = INPUT_SIDE_OFF

@@ -21,12 +21,6 @@ P, BLOCK = 0.5, (16, 16)
 OPTIONS = {"block": BLOCK, "min_gemm_size": 0, "fallback_random": True}
 
 
-@pytest.fixture(autouse=True)
-def _clear_counters():
-    counters["slicecompile"].clear()
-    yield
-
-
 def causal_keep(lq, lk):
     return torch.ones(lq, lk, dtype=torch.bool).tril()
 

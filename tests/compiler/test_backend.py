@@ -31,12 +31,6 @@ P, BLOCK = 0.5, (16, 16)
 OPTIONS = {"block": BLOCK, "min_gemm_size": 0, "fallback_random": True}
 
 
-@pytest.fixture(autouse=True)
-def _clear_counters():
-    counters["slicecompile"].clear()
-    yield
-
-
 def stats():
     return dict(counters["slicecompile"])
 

@@ -29,12 +29,6 @@ class MLP(nn.Module):
         return self.fc2(self.drop(self.fc1(x).relu()))
 
 
-@pytest.fixture(autouse=True)
-def _clear_counters():
-    counters["slicecompile"].clear()
-    yield
-
-
 def _step(compiled, model, x):
     out = compiled(x)
     out.square().sum().backward()

@@ -31,10 +31,13 @@ PASSES = 400
 FALSE_ALARM = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _clear_counters():
-    counters["slicecompile"].clear()
-    yield
+def _padded_tokens():
+    """Four sequences of 24 tokens, the second padded from token 18 (the padding is added to the
+    scores before the softmax)."""
+    input_ids = torch.randint(1, 64, (4, 24))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 18:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def _bert(attention="eager"):
@@ -51,10 +54,7 @@ def _bert(attention="eager"):
         problem_type="single_label_classification",  # else set on the first call: a recompile
         attn_implementation=attention,
     )
-    input_ids = torch.randint(1, 64, (4, 24))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 18:] = 0  # padding, added to the scores before the softmax
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 2, 0])}
+    inputs = {**_padded_tokens(), "labels": torch.tensor([0, 1, 2, 0])}
     return transformers.BertForSequenceClassification(config), inputs
 
 
@@ -75,10 +75,7 @@ def _gpt2(attention="eager"):
         problem_type="single_label_classification",
         attn_implementation=attention,
     )
-    input_ids = torch.randint(3, 64, (4, 24))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 18:] = 0
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 2, 0])}
+    inputs = {**_padded_tokens(), "labels": torch.tensor([0, 1, 2, 0])}
     return transformers.GPT2ForSequenceClassification(config), inputs
 
 
@@ -97,10 +94,7 @@ def _t5(attention="eager"):
         pad_token_id=0,
         attn_implementation=attention,
     )
-    input_ids = torch.randint(1, 64, (4, 24))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 18:] = 0
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.randint(1, 64, (4, 16))}
+    inputs = {**_padded_tokens(), "labels": torch.randint(1, 64, (4, 16))}
     return transformers.T5ForConditionalGeneration(config), inputs
 
 
