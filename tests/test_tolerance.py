@@ -5,7 +5,7 @@ in float32 and in bfloat16. On the CPU: the rule is arithmetic, whatever the dev
 import pytest
 import torch
 
-from tolerance import ULPS, assert_close
+from tolerance import ULPS, UNIT_ROUNDOFF, assert_close, rounding_noise
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -79,3 +79,29 @@ def test_magnitude_needs_the_number_of_terms():
     exact = torch.ones(3, dtype=torch.float64, device="cpu")
     with pytest.raises(ValueError, match="terms"):
         assert_close(exact.float(), exact, exact.float(), "sum", magnitude=exact)
+
+
+def test_rounding_noise_follows_the_terms_not_the_result():
+    """Monte Carlo arithmetic on the cancelling sum: its noise is of the order of float32's
+    rounding of the terms (far above the result's), within the worst-case bound; a sum rounded in
+    another order passes with it, a wrong one fails."""
+    terms = _cancelling_terms()
+    exact = terms.double().sum()
+    (noise,) = rounding_noise(lambda: [terms.double().sum()])
+    assert 100 * UNIT_ROUNDOFF * exact.abs() < noise <= len(terms) * UNIT_ROUNDOFF * terms.double().abs().sum()
+    assert_close(_sequential_sum(terms), exact, exact.float(), "reordered sum", noise=noise)
+    with pytest.raises(AssertionError, match="error"):
+        assert_close((exact + 10 * _bound(terms)).float(), exact, exact.float(), "wrong sum", noise=noise)
+
+
+def test_rounding_noise_reaches_the_backward():
+    """The perturbations apply to the ops autograd runs too: a gradient through a cancelling sum
+    has noise."""
+    weights = _cancelling_terms().double().requires_grad_()
+
+    def gradient():
+        (grad,) = torch.autograd.grad((weights.sum() * weights).sum(), weights)
+        return [grad]
+
+    (noise,) = rounding_noise(gradient)
+    assert noise.min() > 0

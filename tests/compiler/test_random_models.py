@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 import slicecompile
 import slicecompile.compiler.backend as backend
 
-from tolerance import assert_close
+from tolerance import assert_close, rounding_noise
 
 OPTIONS = {"block": (16, 16), "min_gemm_size": 0}
 WIDTHS = (16, 32, 48, 64)
@@ -207,11 +207,8 @@ class AttentionBlock(nn.Module):
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.spec.split:
             q, k, v = (t.unflatten(-1, (self.spec.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        if getattr(self, "fused", False):  # PyTorch's own flash-style attention, for the references
-            out = self.drop_probs(F.scaled_dot_product_attention(q, k, v, scale=1 / self.c))
-        else:
-            scores = q @ k.transpose(-2, -1) * (1 / self.c) if self.spec.multiply else q @ k.transpose(-2, -1) / self.c
-            out = self.drop_probs(scores.softmax(dim=-1)) @ v
+        scores = q @ k.transpose(-2, -1) * (1 / self.c) if self.spec.multiply else q @ k.transpose(-2, -1) / self.c
+        out = self.drop_probs(scores.softmax(dim=-1)) @ v
         if self.spec.split:
             out = out.transpose(1, 2).flatten(-2)
         out = self.drop_out(self.proj(out))
@@ -382,39 +379,25 @@ def step(model, x, dynamic_dims=()):
     return [*outputs, *torch.autograd.grad(loss, [x, *model.parameters()], allow_unused=True)]
 
 
-def with_fused_attention(model):
-    fused = copy.deepcopy(model)
-    for module in fused.modules():
-        module.fused = isinstance(module, AttentionBlock)
-    return fused
-
-
-def check_equals_eager(actual, spec, x, plain_backend):
-    """A compiled step against eager's in float64, every dropout keeping everything. PyTorch's own
-    float32 error is eager's, or where ours exceeds twice that, the largest of eager's, the
-    model's compiled by plain_backend without our pass (through a whole model a mere change of
-    summation order can double an error), and eager's with attention through PyTorch's
-    F.scaled_dot_product_attention: the fused attention's backward forms dS = P (dP - D), as
-    flash attention does, whose rounding cancels differently from softmax's autograd formula (a
-    soak run: q's weight gradient off by 1.3e-9 against eager's 3.8e-10)."""
+def check_equals_eager(actual, spec, x):
+    """A compiled step against eager's in float64, every dropout keeping everything, under the one
+    tolerance rule: twice eager's float32 error, plus the float32 rounding noise of the model's
+    float64 step (tolerance.rounding_noise): through attention's softmax and the layers after it,
+    gradients cancel, and the fused attention's backward, which forms dS = P (dP - D) as flash
+    attention does, rounds them differently from softmax's autograd formula (a soak run: k's
+    weight gradient off by 3.9e-9 against eager's 1.6e-9, its noise 2.1e-9)."""
     model, _ = build(spec, keep=True)
-    expected64, eager32 = step(copy.deepcopy(model).double(), x.double()), step(model, x)
-    plain32, fused32 = [], []
+    model64 = copy.deepcopy(model).double()
+    expected64, eager32 = step(model64, x.double()), step(model, x)
+    noise = rounding_noise(lambda: step(model64, x.double()))
     params = [name for name, _ in model.named_parameters()]
     names = [f"output {i}" for i in range(len(actual) - 1 - len(params))] + ["x grad"] + params
-    for i, (name, value, ref64) in enumerate(zip(names, actual, expected64)):
+    for name, value, ref64, ref32, floor in zip(names, actual, expected64, eager32, noise, strict=True):
         if ref64 is None:
             assert value is None or not value.any(), f"{name}: eager has no gradient"
             continue
         assert value is not None, f"{name}: no gradient"
-        assert value.shape == ref64.shape, f"{name}: shape {tuple(value.shape)} != {tuple(ref64.shape)}"
-        error = lambda t, ref64=ref64: (t.double() - ref64).abs().max().item()
-        ref32 = eager32[i]
-        if ref64.numel() and error(value) > 2 * error(ref32):
-            plain32 = plain32 or step(torch.compile(model, backend=plain_backend), x)
-            fused32 = fused32 or step(with_fused_attention(model), x)
-            ref32 = max(ref32, plain32[i], fused32[i], key=error)
-        assert_close(value, ref64, ref32, name)
+        assert_close(value, ref64, ref32, name, noise=floor)
 
 
 # False: static shapes; None: batch and length marked dynamic; True: every size symbolic (a
@@ -428,7 +411,8 @@ dynamics = st.sampled_from((False, None, False, None, True))
 TRANSPOSED_V = RandomModel(16, 1, 8, (Attention(2, True, False, None, Drop(False), None, False),), None)
 DENSE = Dense("module", 16, True, Drop(False), None, None, None)
 CHECKPOINTED = RandomModel(16, 2, 8, (Group("checkpoint", (DENSE,)),), None)
-# The fused attention's gradients against eager's float32 error alone: see check_equals_eager.
+# The fused attention's gradients, whose rounding differs from eager's where they cancel: see
+# check_equals_eager.
 SHARPENED = (
     Dense("module", 16, False, Drop(False), None, None, None),
     Dense("module", 64, False, Drop(False), "mul", None, None),
@@ -442,6 +426,18 @@ SHARPENED = (
     )),
 )  # fmt: skip
 FUSED_GRADIENTS = RandomModel(32, 3, 4, SHARPENED, None)
+CANCELLING = RandomModel(32, 3, 4, (
+    Dense("module", 16, False, Drop(False), None, None, None),
+    Attention(1, False, True, None, Drop(False), Drop(False), True),
+    Group("residual", (
+        Group("shared", (
+            Dense("matmul_t", 16, True, None, "mul", None, Drop(False)),
+            Conv(48, 3, None),
+            Dense("module", 16, True, None, None, None, None),
+        )),
+        Attention(2, True, False, Drop(False), Drop(True), None, False),
+    )),
+), None)  # fmt: skip
 
 
 @settings(max_examples=MODELS)
@@ -449,6 +445,7 @@ FUSED_GRADIENTS = RandomModel(32, 3, 4, SHARPENED, None)
 @example(spec=TRANSPOSED_V, policy="block", dynamic=False)
 @example(spec=CHECKPOINTED, policy="block", dynamic=True)
 @example(spec=FUSED_GRADIENTS, policy="block", dynamic=False)
+@example(spec=CANCELLING, policy="block", dynamic=False)
 def test_compiled_step_equals_eager_when_nothing_is_dropped(eager_inductor, spec, policy, dynamic):
     # Dynamo itself fails on a float attribute in a checkpointed module used twice under
     # dynamic=True, without our backend too ("lift_tracked_freevar_to_input should not be called
@@ -457,7 +454,7 @@ def test_compiled_step_equals_eager_when_nothing_is_dropped(eager_inductor, spec
     model, x = build(spec)
     compiled = compile_fresh(model, {**OPTIONS, "policy": policy}, dynamic)
     actual, _ = run_logged(step, compiled, x, (0, 1) if dynamic is None else ())
-    check_equals_eager(actual, spec, x, aot_eager_decomp_partition)
+    check_equals_eager(actual, spec, x)
 
 
 @settings(max_examples=MODELS)
@@ -519,5 +516,5 @@ def test_fixed_model_under_the_real_inductor():
     spec = RandomModel(width=32, batch=2, length=8, blocks=blocks, tap=1)
     model, x = build(spec)
     actual, stats = run_logged(step, compile_fresh(model, OPTIONS), x)
-    check_equals_eager(actual, spec, x, "inductor")
+    check_equals_eager(actual, spec, x)
     assert stats["rewritten"] >= 4, stats
