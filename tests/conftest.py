@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 from hypothesis import Phase, settings  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
+from slicecompile.compiler import verdicts  # noqa: E402
+
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=20, print_blob=True)
 # On a GPU every new shape compiles kernels: report a failing example as found, unshrunk.
 settings.register_profile("gpu", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -43,6 +45,13 @@ def _reset_dynamo():
     counters["slicecompile"].clear()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _untimed(monkeypatch):
+    """On a GPU, rewrite="auto" times each site and may leave it to Inductor. The suite checks
+    what the rewrites compute, so the rewrite is timed only where a test asks (test_verdicts)."""
+    monkeypatch.setattr(verdicts, "TIMED_DEVICES", frozenset())
 
 
 def pytest_collection_modifyitems(config, items):

@@ -70,7 +70,7 @@ def _log_sites(sites):
         where = " ".join(part for part in (site.module, site.location) if part) or site.name
         key = (frame, site.name, site.module, site.location)
         verdict = f"rewrote ({site.pattern})" if site.rewritten else f"skipped: {site.reason}"
-        level = logging.INFO if site.rewritten else logging.DEBUG
+        level = logging.INFO if site.rewritten or site.timing else logging.DEBUG  # timed: a verdict the user may want
         if site.rewritten:
             _REWRITTEN_BEFORE.add(key)
         elif key in _REWRITTEN_BEFORE and not site.requested:

@@ -40,7 +40,8 @@ class Report:
         return sum(site.saved_flops for site in self.sites)
 
     def __str__(self):
-        header = ("site", "consumer", "input shape", "GEMMs (M,K,N)", "p", "side", "policy", "rewritten", "reason")
+        header = ("site", "consumer", "input shape", "GEMMs (M,K,N)", "p", "side", "policy", "ms ours/Inductor")
+        header += ("rewritten", "reason")
         rows = [header] + [_row(site) for site in self.sites]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -61,7 +62,8 @@ def _row(site):
     p = "?" if site.p is None else f"{site.p:g}"
     side, policy = (site.side, site.policy) if site.rewritten else ("-", "-")
     rewritten = "yes" if site.rewritten else "no"
-    return (where or site.name, site.consumer, shape, gemms, p, side, policy, rewritten, site.reason)
+    timing = "/".join(f"{ms:.3g}" for ms in site.timing) if site.timing else "-"
+    return (where or site.name, site.consumer, shape, gemms, p, side, policy, timing, rewritten, site.reason)
 
 
 def explain(model, *args, options=None, **kwargs):

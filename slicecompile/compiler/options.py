@@ -9,6 +9,7 @@ import torch._inductor.config  # noqa: F401  (parse_options reads its keys)
 
 from ..ops import DEFAULT_BLOCK
 from ..ops.checks import check_block
+from .verdicts import MODES
 
 POLICIES = ("block", "slice")
 # M*K*N below which a GEMM is left to Inductor: 256³. Not yet measured: a guess that smaller
@@ -27,6 +28,7 @@ class Options:
     min_gemm_size: int = DEFAULT_MIN_GEMM_SIZE  # M*K*N summed over a site's matmuls
     enabled: bool = True
     samples_per_group: int = 8  # dropout -> conv2d, block policy: samples sharing one channel mask
+    rewrite: str = "auto"  # on a GPU, only sites timed faster than Inductor (verdicts.py); or "always"
 
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
@@ -54,6 +56,8 @@ def _validated(options):
     block = check_block(options.block)
     if options.policy not in POLICIES:
         raise ValueError(f"unknown policy {options.policy!r}; known policies: {', '.join(POLICIES)}")
+    if options.rewrite not in MODES:
+        raise ValueError(f"unknown rewrite mode {options.rewrite!r}; known modes: {', '.join(MODES)}")
     size = options.min_gemm_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValueError(f"min_gemm_size must be an int >= 0, got {size!r}")

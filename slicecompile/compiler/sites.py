@@ -40,6 +40,7 @@ from .patterns import (
     static_size,
     view_source,
 )
+from .verdicts import SLOWER, judge
 
 # Skips the user asked for (by the call or the options), as opposed to what the pass cannot do.
 EVAL_MODE = "eval mode (training=False)"
@@ -70,11 +71,13 @@ class Site:
     side: str = "input"  # the dropped matrix: the matmul's "input", its "output", or the "attention" probabilities
     node: Node | None = field(default=None, repr=False)  # the dropout node, for rewrite.py
     matches: list = field(default_factory=list, repr=False)  # (consumer node, Match), for rewrite.py
+    timing: tuple | None = None  # (ours, Inductor's) ms forward+backward, timed under rewrite="auto"
 
     @property
     def requested(self):
-        """Skipped because the call or the options asked for it (eval mode, p = 0, a side off)."""
-        return self.reason in REQUESTED
+        """Skipped because the call or the options asked for it (eval mode, p = 0, a side off,
+        timed slower under rewrite="auto")."""
+        return self.reason in REQUESTED or self.reason.startswith(SLOWER)
 
     @property
     def dense_flops(self):
@@ -361,7 +364,7 @@ def find_sites(gm, options):
             if reason:
                 site.rewritten, site.matches, site.reason = False, [], f"{reason}: not supported"
             sites.append(site)
-    return _one_side_per_matmul(sites)
+    return _one_side_per_matmul(judge(sites, options))
 
 
 def _one_side_per_matmul(sites):

@@ -62,10 +62,10 @@ def test_options_change_the_decision():
 def test_table():
     report = explain(HeadAfterBreak(), torch.randn(4, 8, 32), options=ALWAYS)
     lines = str(report).splitlines()
-    header = ["site", "consumer", "input", "shape", "GEMMs", "(M,K,N)", "p", "side", "policy", "rewritten", "reason"]
-    assert lines[0].split() == header
+    header = ["site", "consumer", "input", "shape", "GEMMs", "(M,K,N)", "p", "side", "policy", "ms", "ours/Inductor"]
+    assert lines[0].split() == header + ["rewritten", "reason"]
     assert lines[2].split()[:2] == ["drop", f"(test_explain.py:{HeadAfterBreak.forward.__code__.co_firstlineno + 1})"]
-    assert lines[2].split()[2:9] == ["linear", "4x8x32", "32x32x16", "0.25", "input", "block", "yes"]
+    assert lines[2].split()[2:10] == ["linear", "4x8x32", "32x32x16", "0.25", "input", "block", "-", "yes"]
     assert "used by add (not a matmul input)" in lines[3]
     assert lines[-1] == (
         "1 of 2 dropout sites rewritten in 2 graph(s); predicted GEMM FLOPs saved per step (fwd+bwd): "
@@ -132,6 +132,6 @@ def test_output_side_site(policy):
     assert (site.input_shape, site.gemms, site.rewritten) == ((4, 8, 24), ((32, 32, 24),), True)
     assert report.saved_flops == 6 * 32 * 32 * 24 // 4
     row = str(report).splitlines()[2].split()
-    assert row[2:9] == ["linear", "4x8x24", "32x32x24", "0.25", "output", "block", "yes"]
+    assert row[2:10] == ["linear", "4x8x24", "32x32x24", "0.25", "output", "block", "-", "yes"]
     (off,) = explain(ResidualProjection(), torch.randn(4, 8, 32), options={**ALWAYS, "output_side": False}).sites
     assert (off.rewritten, off.reason) == (False, "output side turned off (output_side=False)")

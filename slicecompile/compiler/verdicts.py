@@ -1,0 +1,211 @@
+"""options={"rewrite": "auto"}, the default: on a GPU, a site is rewritten only where our op,
+timed at the site's shapes, dtype, p and block, is faster than what Inductor cannot avoid running
+for it.
+
+Inductor's part is the dense computation alone: F.linear (its three cuBLAS GEMMs), F.conv2d or
+F.scaled_dot_product_attention with the same dropout_p, forward and backward. Inductor fuses an
+element-wise dropout's mask into the kernels around it, so what the dropout itself costs depends
+on the whole graph; leaving it out makes the comparison one-sided in Inductor's favour, and a
+site is rewritten only where it wins even so (by MARGIN, more than the timings' noise). Both
+sides are timed by CUDA events around whole forward+backward calls, so a launch-bound op pays for
+its launches.
+
+Measured, not modelled: the op's speed depends on the GPU, the Triton version and the autotuner's
+choice at the exact shape (a 768-wide weight gradient is 36 output tiles for 132 multiprocessors),
+which a cost model would have to be re-calibrated for on every GPU. The timing costs about a
+second per new site shape, at its first compile, and is cached on disk per GPU, torch and Triton
+version (SLICECOMPILE_CACHE_DIR, by default ~/.cache/slicecompile), so later processes read it.
+
+On a CPU the rewrite stays as "always": there it exists to run the semantics, through Triton's
+interpreter. "always" rewrites every site the pass can take.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ..ops import dropout_attention, dropout_conv2d, dropout_linear, linear_dropout, slice_dropout_linear
+from .patterns import hint, meta_value
+
+log = logging.getLogger("slicecompile")
+
+MODES = ("auto", "always")
+TIMED_DEVICES = frozenset({"cuda"})
+MARGIN = 0.95  # ours must take at most this share of Inductor's time
+SLOWER = "measured no faster than Inductor"
+UNTIMED = "could not be timed"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is timed for a site: kind ("linear", "slice", "output", "conv", "attention"), its
+    shapes (per kind: see _calls), dtype, p, and settings (the block; a conv's policy and
+    sample groups; attention's causal flag)."""
+
+    kind: str
+    shapes: tuple
+    dtype: str
+    p: float
+    settings: tuple
+
+    def key(self):
+        return json.dumps(asdict(self))
+
+
+def workload(site, options):
+    """The Workload of a site the pass would rewrite under options."""
+    block = options.block
+    dtype = str(site.matches[0][1].dtype or meta_value(site.node.args[0]).dtype).replace("torch.", "")
+    if site.side == "attention":
+        match = site.matches[0][1]
+        (rows, head_dim, keys), (_, _, value_dim) = match.gemms
+        queries = _queries(site, match)
+        shapes = (rows // max(queries, 1), queries, keys, head_dim, value_dim, match.masked)
+        return Workload("attention", shapes, dtype, site.p, (tuple(block), bool(match.is_causal)))
+    if site.side == "output":
+        return Workload("output", _linear_shapes(site), dtype, site.p, (tuple(block),))
+    match = site.matches[0][1]
+    if match.conv is not None:
+        x = tuple(hint(size) for size in meta_value(site.node.args[0]).shape)
+        weight = tuple(hint(size) for size in meta_value(match.weight).shape)
+        settings = (site.policy, options.samples_per_group, *match.conv)
+        return Workload("conv", (x, weight, match.bias is not None), dtype, site.p, settings)
+    kind = "slice" if site.policy == "slice" else "linear"
+    return Workload(kind, _linear_shapes(site), dtype, site.p, (tuple(block),))
+
+
+def _linear_shapes(site):
+    return tuple((*match.gemm, match.bias is not None) for _, match in site.matches)
+
+
+def _queries(site, match):
+    q = meta_value(match.q)
+    return hint(q.shape[0] if match.key_t is None else q.shape[-2])  # multi-head attention: (L, N, E)
+
+
+def judge(sites, options):
+    """Under rewrite="auto", time each site the pass would rewrite on a timed device, record
+    (ours, Inductor's) milliseconds in site.timing, and skip those not faster by MARGIN."""
+    if options.rewrite != "auto":
+        return sites
+    for site in sites:
+        if not site.rewritten or site.device not in TIMED_DEVICES:
+            continue
+        try:
+            site.timing = measure(workload(site, options))
+        except Exception as error:
+            log.warning("slicecompile: timing dropout %s failed; it stays as it was", site.name, exc_info=True)
+            site.rewritten, site.matches = False, []
+            site.reason = f"{UNTIMED}: {type(error).__name__}: {error}"
+            continue
+        ours, inductor = site.timing
+        if ours > MARGIN * inductor:
+            site.rewritten, site.matches = False, []
+            site.reason = f"{SLOWER} ({ours:.3g} ms against {inductor:.3g} ms forward+backward)"
+    return sites
+
+
+_MEASURED = {}  # Workload.key() -> (ours ms, Inductor's ms), this process's and the disk's
+
+
+def measure(work):
+    """(our op's, the dense computation's) median forward+backward milliseconds at work's sizes on
+    the current GPU, from this process's cache, the disk's, or timed now."""
+    path = _cache_path()
+    if not _MEASURED.get(path):
+        _MEASURED[path] = _read(path)
+    cache = _MEASURED[path]
+    key = work.key()
+    if key not in cache:
+        cache[key] = time_workload(work)
+        _write(path, cache)
+    return tuple(cache[key])
+
+
+def time_workload(work, device="cuda"):
+    """Times ours and Inductor's part, interleaved twice, the faster median of each."""
+    with torch._subclasses.fake_tensor.unset_fake_temporarily(), torch.enable_grad():
+        ours, dense, leaves = _calls(work, torch.device(device))
+        times = [[], []]
+        for _ in range(2):
+            for i, fn in enumerate((ours, dense)):
+                times[i].append(_median_ms(fn, leaves))
+    return min(times[0]), min(times[1])
+
+
+def _median_ms(fn, leaves):
+    if torch.device(leaves[0].device).type == "cuda":
+        return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=leaves, return_mode="median")
+    fn()  # on a CPU (the tests): one run, as a check that it runs
+    return 1.0
+
+
+def _calls(work, device):
+    """(ours, dense, the leaves whose gradients they make): forward+backward calls on random
+    inputs of work's sizes."""
+    dtype = getattr(torch, work.dtype)
+    make = lambda *shape, scale=1.0: (torch.randn(shape, device=device) * scale).to(dtype).requires_grad_()
+    if work.kind == "attention":
+        planes, queries, keys, head_dim, value_dim, masked = work.shapes
+        block, causal = work.settings
+        q, k, v = make(planes, queries, head_dim), make(planes, keys, head_dim), make(planes, keys, value_dim)
+        mask = torch.zeros(queries, keys, device=device, dtype=dtype) if masked else None
+        ours = lambda: dropout_attention(q, k, v, mask, work.p, causal, None, False, block)
+        dense = lambda: F.scaled_dot_product_attention(q, k, v, mask, work.p, causal)
+        return _backward(ours), _backward(dense), [q, k, v]
+    if work.kind == "conv":
+        x_shape, w_shape, has_bias = work.shapes
+        policy, samples_per_group, *conv = work.settings
+        x, w = make(*x_shape), make(*w_shape, scale=w_shape[1] ** -0.5)
+        b = make(w_shape[0]) if has_bias else None
+        ours = lambda: dropout_conv2d(x, w, b, *conv, p=work.p, policy=policy, samples_per_group=samples_per_group)
+        return _backward(ours), _backward(lambda: F.conv2d(x, w, b, *conv)), [x, w] + ([b] if b is not None else [])
+    op = {"linear": dropout_linear, "slice": slice_dropout_linear, "output": linear_dropout}[work.kind]
+    layers = [(make(m, k), make(n, k, scale=k**-0.5), make(n) if bias else None) for m, k, n, bias in work.shapes]
+    block = {} if work.kind == "slice" else {"block": work.settings[0]}
+    ours = [_backward(lambda x=x, w=w, b=b: op(x, w, b, p=work.p, **block)) for x, w, b in layers]
+    dense = [_backward(lambda x=x, w=w, b=b: F.linear(x, w, b)) for x, w, b in layers]
+    leaves = [t for layer in layers for t in layer if t is not None]
+    return lambda: [fn() for fn in ours], lambda: [fn() for fn in dense], leaves
+
+
+def _backward(forward):
+    def step():
+        out = forward()
+        out.backward(torch.ones_like(out))
+
+    return step
+
+
+def _cache_path():
+    """One file per GPU, torch and Triton version."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    versions = f"{name}-torch{torch.__version__}-triton{triton.__version__}"
+    directory = os.environ.get("SLICECOMPILE_CACHE_DIR") or os.path.expanduser("~/.cache/slicecompile")
+    return os.path.join(directory, "timings-" + "".join(c if c.isalnum() or c in ".+-" else "_" for c in versions))
+
+
+def _read(path):
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path, cache):
+    """Atomically, so that processes compiling at once never read half a file; a cache that
+    cannot be written only costs a re-timing."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False) as file:
+            json.dump(cache, file)
+        os.replace(file.name, path)
+    except OSError as error:
+        log.info("slicecompile: could not write the timing cache %s: %s", path, error)
