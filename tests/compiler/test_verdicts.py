@@ -16,6 +16,8 @@ import slicecompile
 from slicecompile.compiler import verdicts
 from slicecompile.compiler.options import parse_options
 
+from conftest import DEVICE
+
 OPTIONS = {"min_gemm_size": 0, "block": (16, 16)}
 
 
@@ -75,8 +77,8 @@ class EagerAttention(nn.Module):
 
 @pytest.fixture
 def timed(monkeypatch):
-    """Sites on the CPU are timed, by a timer returning `times` and recording each workload."""
-    monkeypatch.setattr(verdicts, "TIMED_DEVICES", frozenset({"cpu"}))
+    """Sites are timed, by a timer returning `times` and recording each workload."""
+    monkeypatch.setattr(verdicts, "TIMED_DEVICES", frozenset({DEVICE}))
     asked = []
 
     def measure(work):
@@ -129,8 +131,8 @@ def test_a_failed_timing_leaves_the_site_with_a_warning(timed, monkeypatch, capl
 
 
 def test_untimed_devices_rewrite_as_always(monkeypatch):
-    monkeypatch.setattr(verdicts, "measure", lambda work: pytest.fail("timed a CPU site"))
-    site = only_site(MLP(), torch.randn(4, 8, 32))  # the CPU is not in TIMED_DEVICES
+    monkeypatch.setattr(verdicts, "measure", lambda work: pytest.fail("timed a site"))
+    site = only_site(MLP(), torch.randn(4, 8, 32))  # the conftest leaves TIMED_DEVICES empty
     assert site.rewritten and site.timing is None
 
 
@@ -179,9 +181,11 @@ def test_each_kind_of_site_is_timed_on_its_workload(timed, case):
 
 @pytest.mark.parametrize("case", WORKLOADS.values(), ids=WORKLOADS.keys())
 def test_each_workload_runs_ours_and_the_dense_computation(case):
-    """Forward and backward of both sides, once each on the CPU (through the interpreter)."""
+    """Forward and backward of both sides: on the CPU once each (through the interpreter), on a
+    GPU timed."""
     *_, work = case
-    assert verdicts.time_workload(work, device="cpu") == (1.0, 1.0)
+    ours, dense = verdicts.time_workload(work, device=DEVICE)
+    assert (ours, dense) == (1.0, 1.0) if DEVICE == "cpu" else ours > 0 and dense > 0
 
 
 def test_timings_are_cached_on_disk_per_gpu_and_versions(monkeypatch, tmp_path):
@@ -198,15 +202,12 @@ def test_timings_are_cached_on_disk_per_gpu_and_versions(monkeypatch, tmp_path):
 
 
 @pytest.mark.gpu
-def test_a_large_site_on_the_gpu_is_timed():
+def test_a_large_site_on_the_gpu_is_timed(monkeypatch, tmp_path):
     """The real timer: a (4096, 4096) -> 4096 bfloat16 site at p = 0.5 gets both timings, and the
     verdict follows them."""
-    verdicts.TIMED_DEVICES = frozenset({"cuda"})
-    try:
-        x = torch.randn(2, 2048, 4096, dtype=torch.bfloat16)
-        site = only_site(MLP(4096, 4096).to(torch.bfloat16), x)
-    finally:
-        verdicts.TIMED_DEVICES = frozenset()
+    monkeypatch.setattr(verdicts, "TIMED_DEVICES", frozenset({"cuda"}))
+    monkeypatch.setenv("SLICECOMPILE_CACHE_DIR", str(tmp_path))
+    site = only_site(MLP(4096, 4096).to(torch.bfloat16), torch.randn(2, 2048, 4096, dtype=torch.bfloat16))
     ours, inductor = site.timing
     assert ours > 0 and inductor > 0
     assert site.rewritten == (ours <= verdicts.MARGIN * inductor)
