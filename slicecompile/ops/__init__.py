@@ -9,6 +9,12 @@ from .dropout_attention import (
     dropout_attention_with_mask,
 )
 from .dropout_conv2d import ChannelMask, draw_channel_mask, dropout_conv2d, dropout_conv2d_with_mask
+from .hashed_linear_cross_entropy import (
+    hashed_linear_cross_entropy,
+    hashed_linear_cross_entropy_reference,
+    hashed_linear_cross_entropy_with_tiles,
+    select_active_tiles,
+)
 from .input_dropout_linear import dropout_linear, dropout_linear_with_mask
 from .masks import DEFAULT_BLOCK, BlockMask, draw_block_mask
 from .output_dropout_linear import linear_dropout, linear_dropout_with_mask
@@ -33,9 +39,13 @@ __all__ = [
     "dropout_linear",
     "dropout_linear_reference",
     "dropout_linear_with_mask",
+    "hashed_linear_cross_entropy",
+    "hashed_linear_cross_entropy_reference",
+    "hashed_linear_cross_entropy_with_tiles",
     "linear_dropout",
     "linear_dropout_reference",
     "linear_dropout_with_mask",
+    "select_active_tiles",
     "slice_dropout_linear",
     "slice_dropout_linear_with_window",
 ]

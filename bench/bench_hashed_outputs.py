@@ -1,0 +1,169 @@
+"""Forward + backward time and peak memory of a large output layer's cross-entropy: the dense
+F.cross_entropy(F.linear(x, W, b), t) against slicecompile.hashed_linear_cross_entropy (SLIDE's
+sampled softmax on output tiles) at each --active.
+
+Shapes: amazon, Amazon-670K's extreme classifier (E 128, N 670,091, batch 256); lm, a GPT-2
+LM head (E 768, N 50,304, 2,048 tokens); or M,E,N. Providers: dense (eager), hashed (the op,
+eager), and on CUDA dense_inductor (the dense loss under torch.compile) and liger (Liger-Kernel's
+LigerFusedLinearCrossEntropyLoss, chunked, never the full logits; skipped if not importable).
+
+Time: the median wall time of a step (slicecompile.tools.timing.median_ms: CUDA events through
+do_bench on a GPU, perf_counter on a CPU), gradients reset to None before each step, so dW's
+allocation is part of every step. Peak memory: what one step holds at its peak above what was
+held before it (inputs and weights excluded; the new gradients included). On CUDA,
+torch.cuda.max_memory_allocated. On a CPU, the process's resident high-water mark (VmHWM, reset
+through /proc/self/clear_refs) above its resident set before the step, with glibc told to
+serve every allocation of 64 KiB or more by mmap so that freed tensors leave the resident set:
+resident pages, as the OS counts them, not bytes asked of torch's allocator.
+
+Prints a table and appends rows to bench/results/hashed_outputs.csv.
+
+    python bench/bench_hashed_outputs.py --shapes amazon lm --active 0.05 0.1 0.25
+    python bench/bench_hashed_outputs.py --device cuda --dtype bfloat16 --shapes amazon lm
+"""
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import datetime
+import gc
+import pathlib
+
+import torch
+import torch.nn.functional as F
+
+import slicecompile
+from slicecompile.tools.timing import median_ms
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+FIELDS = "device provider M E N active block fwd_bwd_ms peak_mb dtype bits tables torch timestamp".split()
+SHAPES = {"amazon": (256, 128, 670_091), "lm": (2048, 768, 50_304)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def inputs(m, e, n, dtype, device):
+    torch.manual_seed(0)
+    x = torch.randn(m, e, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(n, e, device=device) / e**0.5).to(dtype).requires_grad_()
+    b = torch.zeros(n, device=device, dtype=dtype, requires_grad=True)
+    return x, w, b, torch.randint(0, n, (m,), device=device)
+
+
+def dense_loss(x, w, b, t):
+    return F.cross_entropy(F.linear(x, w, b), t)
+
+
+def providers(device, actives, args):
+    """{name: (active or None, loss function of (x, w, b, t))}."""
+    found = {"dense": (None, dense_loss)}
+    if device.type == "cuda":
+        found["dense_inductor"] = (None, torch.compile(dense_loss, backend="inductor"))
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            liger = LigerFusedLinearCrossEntropyLoss()
+            found["liger"] = (None, lambda x, w, b, t: liger(w, x, t, b))
+        except ImportError:
+            print("liger: Liger-Kernel is not importable; skipped")
+    for active in actives:
+        hashed = lambda x, w, b, t, active=active: slicecompile.hashed_linear_cross_entropy(  # noqa: E731
+            x, w, t, b, active=active, block=args.block, bits=args.bits, tables=args.tables
+        )
+        found[f"hashed@{active}"] = (active, hashed)
+    return found
+
+
+def step_of(loss_fn, x, w, b, t):
+    def step():
+        loss_fn(x, w, b, t).backward()
+
+    return step
+
+
+@contextlib.contextmanager
+def cpu_peak():
+    """Yields a dict that holds, once the block ends, 'bytes': the resident high-water mark during
+    the block above the resident set when it began."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, 64 << 10)  # fixed: glibc's own threshold climbs to 32 MiB
+    gc.collect()
+    libc.malloc_trim(0)
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to VmRSS
+    result, before = {}, _status_kib("VmRSS")
+    yield result
+    result["bytes"] = (_status_kib("VmHWM") - before) * 1024
+
+
+def _status_kib(key):
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_bytes(step, device, leaves):
+    for leaf in leaves:
+        leaf.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        resting = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - resting
+    with cpu_peak() as peak:
+        step()
+    return peak["bytes"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--shapes", nargs="+", default=["amazon", "lm"], help="amazon, lm or M,E,N")
+    parser.add_argument("--active", type=float, nargs="+", default=[0.05])
+    parser.add_argument("--block", type=lambda s: tuple(int(v) for v in s.split(",")), default=(64, 128))
+    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--tables", type=int, default=4)
+    parser.add_argument("--rep-ms", type=float, default=2000, help="time each provider for at least this long")
+    parser.add_argument("--providers", nargs="*", help="names to run (default: all)")
+    parser.add_argument("--csv", default="hashed_outputs.csv")
+    args = parser.parse_args()
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / args.csv
+    new = not out.exists()
+    with open(out, "a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+        for shape in args.shapes:
+            m, e, n = SHAPES[shape] if shape in SHAPES else tuple(int(v) for v in shape.split(","))
+            x, w, b, t = inputs(m, e, n, dtype, device)
+            print(f"\n{name}, {args.dtype}: M {m}, E {e}, N {n}, block {args.block}, {args.bits} bits x {args.tables}")
+            print(f"{'provider':<16}{'fwd+bwd ms':>12}{'peak MiB':>10}{'time vs dense':>15}{'memory vs dense':>17}")
+            base = None
+            for provider, (active, loss_fn) in providers(device, args.active, args).items():
+                if args.providers and provider not in args.providers and provider.split("@")[0] not in args.providers:
+                    continue
+                step = step_of(loss_fn, x, w, b, t)
+                ms = median_ms(step, device, grad_to_none=[x, w, b], rep_ms=args.rep_ms)
+                peak_mb = peak_bytes(step, device, [x, w, b]) / 2**20
+                base = base or ((ms, peak_mb) if provider == "dense" else None)
+                speed = f"{base[0] / ms:.2f}x faster" if base else "-"
+                memory = f"{peak_mb / base[1]:.3f}x" if base else "-"
+                print(f"{provider:<16}{ms:>12.1f}{peak_mb:>10.1f}{speed:>15}{memory:>17}")
+                row = dict(device=name, provider=provider.split("@")[0], M=m, E=e, N=n, active=active or "")
+                row |= dict(block="x".join(map(str, args.block)), fwd_bwd_ms=f"{ms:.2f}", peak_mb=f"{peak_mb:.1f}")
+                row |= dict(dtype=args.dtype, bits=args.bits, tables=args.tables, torch=torch.__version__)
+                writer.writerow(row | dict(timestamp=stamp))
+            del x, w, b, t
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""hashed_linear_cross_entropy: the cross-entropy of F.linear(x, weight, bias) over a sampled set
+of output tiles (SLIDE's sampled softmax at tile granularity), with a full-layer evaluation.
+
+x flattens to (M, E), weight is (N, E), target (M,) int64 class indices. In training, rows are
+grouped in block-rows of BM samples, and each block-row computes `budget` output tiles of BN
+neurons (simhash.py chooses them: label tiles first, then those SimHash ranks highest). Row i's
+softmax covers the neurons of its block-row's tiles (those past N in a ragged last tile excluded)
+plus its own label neuron: when the block-row's labels span more tiles than the budget, the label
+tiles left out still reach their rows through one extra logit per row, x_i · w_{target_i} +
+b_{target_i}, so every row's loss includes its label's logit and shapes stay static.
+
+    loss_i = logsumexp_{j in active(i) ∪ {target_i}} z_ij - z_{i, target_i},  z = x Wᵀ + b
+
+ignore_index rows, reductions and an empty batch behave as in F.cross_entropy. In evaluation
+(training=False or grad disabled) the op is exactly F.cross_entropy(F.linear(x, weight, bias),
+target).
+
+Cost: the compact logits are (M, budget * BN), never (M, N). Each GEMM (logits, dX, dW) does
+active / 1 of the dense work plus ragged rounding; hashing all N weight rows adds bits * tables /
+M of one dense GEMM. Block-rows are processed in chunks whose gathered weight tiles stay under a
+quarter of weight's size. The weight gradient is a full (N, E) tensor, as autograd needs, with
+only the active rows written (float32 accumulation for 16-bit weights, cast at the end).
+Out-of-range targets raise ValueError on a CPU; elsewhere they fail a device-side assert
+(torch._assert_async) rather than synchronise with the host.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .checks import check_block, check_linear_operands
+from .masks import expand_tiles, flattened_rows
+from .simhash import MAX_BITS, MAX_TABLES, select_tiles, tile_budget
+
+DEFAULT_HASHED_BLOCK = (64, 128)
+DEFAULT_BITS = 8
+DEFAULT_TABLES = 4
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def hashed_linear_cross_entropy(
+    x,
+    weight,
+    target,
+    bias=None,
+    *,
+    active=0.1,
+    block=DEFAULT_HASHED_BLOCK,
+    bits=DEFAULT_BITS,
+    tables=DEFAULT_TABLES,
+    ignore_index=-100,
+    reduction="mean",
+    training=True,
+):
+    """F.cross_entropy(F.linear(x, weight, bias), target) over the output tiles that SimHash picks
+    for each block-row of BM samples (the module's docstring): about `active` of the N outputs,
+    label tiles first. training=False or grad disabled: exactly the dense loss. reduction="none"
+    returns target's shape."""
+    x, weight, bias, target = _check_operands(x, weight, bias, target, ignore_index, reduction)
+    budget, block = _check_selection(weight.shape[0], active, block, bits, tables)
+    x2d = x.reshape(flattened_rows(x), x.shape[-1])
+    if not training or not torch.is_grad_enabled() or x2d.shape[0] == 0:
+        return _dense(x2d, weight, bias, target, ignore_index, reduction)
+    tiles = select_tiles(x2d, weight, target.reshape(-1), budget, block, bits, tables, ignore_index)
+    return _over_tiles(x2d, weight, bias, target, tiles, block, ignore_index, reduction)
+
+
+def hashed_linear_cross_entropy_with_tiles(
+    x, weight, target, tiles, bias=None, *, block=DEFAULT_HASHED_BLOCK, ignore_index=-100, reduction="mean"
+):
+    """The training loss over explicit tiles: (n_blockrows, budget) int64 distinct tile indices per
+    block-row, e.g. from select_active_tiles."""
+    x, weight, bias, target = _check_operands(x, weight, bias, target, ignore_index, reduction)
+    block = check_block(block)
+    x2d = x.reshape(flattened_rows(x), x.shape[-1])
+    _check_tiles(tiles, x2d.shape[0], weight.shape[0], block, x.device)
+    if x2d.shape[0] == 0:
+        return _dense(x2d, weight, bias, target, ignore_index, reduction)
+    return _over_tiles(x2d, weight, bias, target, tiles, block, ignore_index, reduction)
+
+
+def select_active_tiles(
+    x, weight, target, *, active=0.1, block=DEFAULT_HASHED_BLOCK, bits=DEFAULT_BITS, tables=DEFAULT_TABLES,
+    ignore_index=-100,
+):  # fmt: skip
+    """(n_blockrows, budget) int64 ascending tile indices that hashed_linear_cross_entropy computes
+    for each block-row after the same torch.manual_seed; budget = min(n_tiles, ceil(active * N /
+    BN)). Label tiles (most labels first), then SimHash's highest-ranked tiles (simhash.py)."""
+    x, weight, _, target = _check_operands(x, weight, None, target, ignore_index, "mean")
+    budget, block = _check_selection(weight.shape[0], active, block, bits, tables)
+    x2d = x.reshape(flattened_rows(x), x.shape[-1])
+    return select_tiles(x2d, weight, target.reshape(-1), budget, block, bits, tables, ignore_index)
+
+
+def hashed_linear_cross_entropy_reference(
+    x, weight, target, tiles, bias=None, *, block=DEFAULT_HASHED_BLOCK, ignore_index=-100, reduction="mean"
+):
+    """The definition on dense (M, N) logits, for tests: every logit outside a row's active tiles
+    and its own label set to -inf, then F.cross_entropy. Any dtype, differentiable by autograd."""
+    x2d = x.reshape(flattened_rows(x), x.shape[-1])
+    m, n = x2d.shape[0], weight.shape[0]
+    labels, labelled = target.reshape(-1), target.reshape(-1) != ignore_index
+    table = torch.zeros(tiles.shape[0], -(-n // block[1]), dtype=torch.bool, device=x.device)
+    kept = expand_tiles(table.scatter_(1, tiles, True), block, (m, n)).clone()
+    rows = torch.arange(m, device=x.device)
+    kept[rows[labelled], labels[labelled]] = True
+    logits = F.linear(x2d, weight, bias).masked_fill(~kept, float("-inf"))
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _dense(x2d, weight, bias, target, ignore_index, reduction):
+    logits = F.linear(x2d, weight, bias)
+    loss = F.cross_entropy(logits, target.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _over_tiles(x2d, weight, bias, target, tiles, block, ignore_index, reduction):
+    labels = target.reshape(-1)
+    losses = _SampledSoftmaxCrossEntropy.apply(x2d, weight, bias, labels, tiles, block, ignore_index)
+    if reduction == "none":
+        return losses.to(x2d.dtype).reshape(target.shape)
+    total = losses.sum()
+    if reduction == "sum":
+        return total.to(x2d.dtype)
+    # As F.cross_entropy: ignored rows leave the denominator, and all-ignored gives 0 / 0 = nan.
+    return (total / (labels != ignore_index).sum()).to(x2d.dtype)
+
+
+# Gathered weight tiles of one chunk of block-rows stay under this fraction of weight's rows (at
+# least one block-row a chunk), so that the gather adds little to the full-size dW backward must
+# return. 1/16: Amazon-670K at active 0.05, (64, 128) blocks, one block-row a chunk.
+GATHER_FRACTION = 1 / 16
+
+
+class _SampledSoftmaxCrossEntropy(torch.autograd.Function):
+    """Per-row float32 losses over the active tiles (zero for ignored rows). Saves the compact
+    logits (M, budget * BN), the per-row log-normaliser, label logits and the tile index; the
+    weight tiles are gathered again in backward rather than kept."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, labels, tiles, block, ignore_index):
+        m, n = x2d.shape[0], weight.shape[0]
+        neurons, valid = _tile_neurons(tiles, block[1], n)
+        x_blocks = _blockrows(x2d, block[0], tiles.shape[0])
+        logits = _compact_logits(x_blocks, weight, _offsets(bias, neurons, valid, x2d.dtype), neurons)
+        labelled = labels != ignore_index
+        label = torch.where(labelled, labels, 0)
+        label_logit = _label_logits(x2d, weight, bias, label)
+        outside = labelled & ~_label_tile_active(tiles, label, block)
+        compact_lse = torch.logsumexp(logits.view(-1, logits.shape[-1])[:m].float(), dim=-1)
+        lse = torch.where(outside, torch.logaddexp(compact_lse, label_logit.float()), compact_lse)
+        ctx.save_for_backward(x2d, weight, logits, lse, label, label_logit, labelled, outside, neurons)
+        ctx.has_bias = bias is not None
+        return torch.where(labelled, lse - label_logit.float(), 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        x2d, weight, logits, lse, label, label_logit, labelled, outside, neurons = ctx.saved_tensors
+        # where, not a product: with every row ignored the mean's gradient is 1 / 0, and must vanish.
+        g = torch.where(labelled, grad_losses.float(), 0.0)
+        # The label logit's own gradient: -1, plus its softmax share where it is the extra logit.
+        grad_label = g * (torch.where(outside, torch.exp(label_logit.float() - lse), 0.0) - 1)
+        need = (*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
+        grads = _compact_gradients(x2d, weight, logits, lse, g, neurons, need)
+        return *_with_label_gradients(grads, x2d, weight, label, grad_label), None, None, None, None
+
+
+def _compact_gradients(x2d, weight, logits, lse, g, neurons, need):
+    """dX = dZ W_c, dW = Σ_blockrows dZᵀ X_c and db = Σ_rows dZ over each block-row's active
+    neurons, dZ = softmax · g, one chunk of block-rows at a time: the chunk's dZ, gathered tiles and
+    their gradient are all the memory it adds to dW. dW's rows outside every active tile stay zero;
+    dW and db accumulate in float32 (16-bit weights: twice their size, cast at the end)."""
+    need_x, need_w, need_b = need
+    (n_blockrows, block_m, width), (n, e), m = logits.shape, weight.shape, x2d.shape[0]
+    lse, g = (F.pad(v, (0, n_blockrows * block_m - m)).view(n_blockrows, block_m, 1) for v in (lse, g))
+    x_blocks = _blockrows(x2d, block_m, n_blockrows)
+    grad_x = torch.empty_like(x_blocks) if need_x else None
+    grad_w = torch.zeros(n, e, device=x2d.device) if need_w else None
+    grad_b = torch.zeros(n, device=x2d.device) if need_b else None
+    for rows in _chunks(n_blockrows, width, n):
+        grad_logits = torch.exp(logits[rows].float() - lse[rows]).mul_(g[rows])
+        index = neurons[rows].flatten()
+        if need_b:
+            grad_b.index_add_(0, index, grad_logits.sum(1).flatten())
+        if not (need_x or need_w):
+            continue
+        grad_logits = grad_logits.to(x2d.dtype)
+        tiles_w = weight.index_select(0, index).view(-1, width, e)
+        if need_x:
+            torch.bmm(grad_logits, tiles_w, out=grad_x[rows])
+        if need_w:  # the gathered tiles are spent: their buffer takes their gradient
+            torch.bmm(grad_logits.transpose(1, 2), x_blocks[rows], out=tiles_w)
+            # index_put_, not index_add_: on a CPU index_add_ of rows costs ~90 ms at N = 670k however few.
+            grad_w.index_put_((index,), tiles_w.view(-1, e).float(), accumulate=True)
+    return (None if grad_x is None else grad_x.view(-1, e)[:m]), grad_w, grad_b
+
+
+def _with_label_gradients(grads, x2d, weight, label, grad_label):
+    """grads plus the label logits' own (dz · w_label to dX, dz · x to dW's label rows, dz to
+    db), in the operands' dtype."""
+    grad_x, grad_w, grad_b = grads
+    if grad_x is not None:
+        grad_x = grad_x.float() + grad_label[:, None] * weight.index_select(0, label).float()
+    if grad_w is not None:
+        grad_w = grad_w.index_put_((label,), grad_label[:, None] * x2d.float(), accumulate=True)
+    if grad_b is not None:
+        grad_b = grad_b.index_add_(0, label, grad_label)
+    return tuple(None if grad is None else grad.to(x2d.dtype) for grad in (grad_x, grad_w, grad_b))
+
+
+def _tile_neurons(tiles, block_n, n):
+    """(n_blockrows, budget * BN) int64 neuron of each compact column, clamped into range, and
+    whether it exists (False past N in a ragged last tile)."""
+    neurons = (tiles[:, :, None] * block_n + torch.arange(block_n, device=tiles.device)).flatten(1)
+    valid = neurons < n
+    return torch.where(valid, neurons, n - 1), valid
+
+
+def _offsets(bias, neurons, valid, dtype):
+    """What each compact logit starts from: its bias (0 without one), -inf where no neuron is."""
+    start = torch.zeros((), dtype=dtype, device=neurons.device) if bias is None else bias[neurons]
+    return torch.where(valid, start, float("-inf")).to(dtype)
+
+
+def _blockrows(x2d, block_m, n_blockrows):
+    """x2d (M, E) as (n_blockrows, BM, E), zero rows padding a ragged last block-row."""
+    pad = n_blockrows * block_m - x2d.shape[0]
+    return F.pad(x2d, (0, 0, 0, pad)).view(n_blockrows, block_m, x2d.shape[1])
+
+
+def _chunks(n_blockrows, width, n):
+    """Slices of block-rows whose gathered tiles (width neurons each) total at most
+    GATHER_FRACTION of the N weight rows."""
+    per_chunk = max(1, int(GATHER_FRACTION * n) // width)
+    return [slice(start, start + per_chunk) for start in range(0, n_blockrows, per_chunk)]
+
+
+def _compact_logits(x_blocks, weight, offsets, neurons):
+    """(n_blockrows, BM, budget * BN) logits of each block-row's active neurons."""
+    n_blockrows, block_m, _ = x_blocks.shape
+    logits = x_blocks.new_empty(n_blockrows, block_m, neurons.shape[1])
+    for rows in _chunks(n_blockrows, neurons.shape[1], weight.shape[0]):
+        tiles_w = weight.index_select(0, neurons[rows].flatten()).view(-1, neurons.shape[1], weight.shape[1])
+        torch.baddbmm(offsets[rows, None, :], x_blocks[rows], tiles_w.transpose(1, 2), out=logits[rows])
+    return logits
+
+
+def _label_logits(x2d, weight, bias, label):
+    """(M,) z_{i, label_i}, one dot product a row, in x's dtype with float32 accumulation (bmm)."""
+    z = torch.bmm(x2d[:, None, :], weight.index_select(0, label)[:, :, None]).view(-1)
+    return z if bias is None else z + bias[label]
+
+
+def _label_tile_active(tiles, label, block):
+    """(M,) bool: whether row i's label tile is among its block-row's active tiles."""
+    rows = torch.arange(label.shape[0], device=label.device) // block[0]
+    return (tiles[rows] == (label // block[1])[:, None]).any(dim=1)
+
+
+def _check_operands(x, weight, bias, target, ignore_index, reduction):
+    x, weight, bias = check_linear_operands(x, weight, bias)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must hold int64 class indices, got dtype {target.dtype}")
+    if target.device != x.device:
+        raise ValueError(f"target is on {target.device} but x is on {x.device}")
+    if tuple(target.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"target must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(target.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has no rows: cross-entropy needs at least one class (out_features >= 1)")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    _check_target_range(target, weight.shape[0], ignore_index)
+    return x, weight, bias, target
+
+
+def _check_target_range(target, n, ignore_index):
+    """On a CPU the check is cheap and raises here; on other devices it is a device-side assert,
+    so that it never waits for the device."""
+    in_range = ((target >= 0) & (target < n)) | (target == ignore_index)
+    if target.device.type != "cpu":
+        torch._assert_async(in_range.all(), f"target out of range: class indices must be in [0, {n}) or ignore_index")
+    elif not in_range.all():
+        bad = target[~in_range][0].item()
+        raise ValueError(f"target holds {bad}, outside [0, {n}) and not ignore_index ({ignore_index})")
+
+
+def _check_selection(n, active, block, bits, tables):
+    """Returns (budget, block)."""
+    if isinstance(active, bool) or not isinstance(active, (int, float)):
+        raise TypeError(f"active must be a float, got {type(active).__name__}")
+    if not 0 < active <= 1:  # NaN fails too
+        raise ValueError(f"active must be in (0, 1], got {active}")
+    block = check_block(block)
+    for name, value, most in (("bits", bits, MAX_BITS), ("tables", tables, MAX_TABLES)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be a positive int, got {value!r}")
+        if not 1 <= value <= most:
+            raise ValueError(f"{name} must be in [1, {most}], got {value}")
+    return tile_budget(n, block[1], active), block
+
+
+def _check_tiles(tiles, m, n, block, device):
+    n_blockrows, n_tiles = -(-m // block[0]), -(-n // block[1])
+    if not isinstance(tiles, torch.Tensor):
+        raise TypeError(f"tiles must be a torch.Tensor, got {type(tiles).__name__}")
+    if tiles.dtype != torch.int64:
+        raise TypeError(f"tiles must be int64 tile indices, got dtype {tiles.dtype}")
+    if tiles.device != device:
+        raise ValueError(f"tiles is on {tiles.device} but x is on {device}")
+    if tiles.dim() != 2 or tiles.shape[0] != n_blockrows or not 1 <= tiles.shape[1] <= n_tiles:
+        raise ValueError(
+            f"tiles must have shape ({n_blockrows}, budget) with 1 <= budget <= {n_tiles} for {m} rows and {n} "
+            f"outputs in blocks {block}, got {tuple(tiles.shape)}"
+        )

@@ -1,0 +1,117 @@
+"""Which output tiles each block-row of samples computes in hashed_linear_cross_entropy: SLIDE's
+SimHash selection (Chen et al., MLSys 2020) at tile granularity.
+
+Rows of x (flattened to (M, E)) are grouped in block-rows of BM consecutive samples; neurons
+(rows of weight, (N, E)) in tiles of BN, the last one ragged. Every block-row gets the same
+number of tiles, `budget` = min(n_tiles, ceil(active * N / BN)), ranked in this order:
+
+1. tiles holding the block-row's true labels, those holding the most labels first;
+2. the tiles SimHash ranks highest: a tile's score is the number of (sample of the block-row,
+   neuron of the tile, table) triples whose codes collide (`bits` signed random projections a
+   table, `tables` tables);
+3. ties broken at random.
+
+Label tiles therefore always fill the budget first. When a block-row's labels span more tiles
+than the budget, the budget stays exact (static shapes, no host sync): its tiles are the label
+tiles holding the most labels, and the op adds each row's own label neuron to that row's softmax
+(hashed_linear_cross_entropy's module docstring).
+
+Collisions are counted without comparing samples with neurons: per table, a histogram of the
+2^bits codes for each block-row (n_blockrows, 2^bits) and for each tile (n_tiles, 2^bits), then
+one small GEMM, summed over tables. Hashing all N weight rows costs bits * tables / M of the
+dense logits GEMM (E * N * bits * tables multiply-adds against E * N * M); the tiles' histograms
+hold tables * n_tiles * 2^bits float32s. Everything runs on x's device from torch's generator
+(torch.manual_seed reproduces the selection), with shapes that depend only on the sizes.
+"""
+
+import math
+
+import torch
+
+MAX_BITS = 16
+MAX_TABLES = 256
+# Projections computed at a time (32 MiB of float32): (N, 128) @ (128, 32) on a CPU ran 2.4x
+# slower in chunks of 2^15 rows than in one GEMM, 1.15x at 2^18 rows (Amazon-670K's layer).
+HASH_CHUNK_ELEMENTS = 1 << 23
+
+
+def tile_budget(n, block_n, active):
+    """Tiles each block-row computes: ceil(active * N / BN), at least 1, at most the tile count.
+    Rounded to 9 decimals first, so that 0.1 * 1280 / 128 (1.0000000000000002) is one tile."""
+    n_tiles = -(-n // block_n)
+    return max(1, min(n_tiles, math.ceil(round(active * n / block_n, 9))))
+
+
+def draw_projections(features, bits, tables, n_blockrows, n_tiles, device):
+    """(tables * bits, features) float32 standard normal hyperplanes and (n_blockrows, n_tiles)
+    float64 uniform tie-breakers in [0, 1), from one draw of torch's generator (a compiler may
+    reorder independent draws; one draw keeps the selection reproducible)."""
+    n_planes = tables * bits * features
+    uniform = torch.rand(n_planes + n_blockrows * n_tiles, device=device)
+    # Inverse CDF; clamped away from 0 and 1, where erfinv is infinite.
+    tiny = torch.finfo(torch.float32).tiny
+    normal = torch.special.erfinv(uniform[:n_planes].clamp(tiny, 1 - 2**-24) * 2 - 1) * math.sqrt(2)
+    return normal.view(tables * bits, features), uniform[n_planes:].view(n_blockrows, n_tiles).double()
+
+
+def simhash_codes(rows, planes, bits, tables):
+    """(R, tables) float32 codes of rows (R, E), exact integers: bit k of table t is whether
+    row · plane[t * bits + k] is positive. The signs overwrite the projections in place and a
+    small GEMM weighs them by powers of two: 2.5x faster than int64 shifts and a sum on a CPU."""
+    signs = (rows @ planes.to(rows.dtype).t()).gt_(0).float()
+    powers = 2.0 ** torch.arange(bits, device=rows.device, dtype=torch.float32)
+    return signs.view(-1, tables, bits) @ powers
+
+
+def code_histograms(rows, planes, bits, tables, group_size, n_groups):
+    """(tables, n_groups, 2^bits) float32: per table, how many of the rows in each group of
+    group_size consecutive rows hash to each code. Rows are hashed in chunks of at most
+    HASH_CHUNK_ELEMENTS projections, so that no (N, bits * tables) projection is ever held."""
+    device, codes = rows.device, 2**bits
+    hist = torch.zeros(tables * n_groups * codes, device=device)
+    table_offset = torch.arange(tables, device=device) * (n_groups * codes)
+    chunk_rows = max(1, HASH_CHUNK_ELEMENTS // (bits * tables))
+    for start in range(0, rows.shape[0], chunk_rows):
+        chunk = rows[start : start + chunk_rows]
+        group = torch.arange(start, start + chunk.shape[0], device=device) // group_size
+        flat = (group * codes)[:, None] + table_offset + simhash_codes(chunk, planes, bits, tables).long()
+        hist.index_add_(0, flat.flatten(), torch.ones((), device=device).expand(flat.numel()))
+    return hist.view(tables, n_groups, codes)
+
+
+def collision_counts(x2d, weight, planes, bits, tables, block):
+    """(n_blockrows, n_tiles) float32: per block-row and output tile, the number of (sample,
+    neuron, table) code collisions, exact for counts below 2^24."""
+    (block_m, block_n), (m, n) = block, (x2d.shape[0], weight.shape[0])
+    rows_hist = code_histograms(x2d, planes, bits, tables, block_m, -(-m // block_m))
+    tiles_hist = code_histograms(weight, planes, bits, tables, block_n, -(-n // block_n))
+    return torch.bmm(rows_hist, tiles_hist.transpose(1, 2)).sum(0)
+
+
+def label_counts(target, ignore_index, block, n_blockrows, n_tiles):
+    """(n_blockrows, n_tiles) float32: how many of each block-row's labels fall in each tile
+    (rows whose target is ignore_index count nowhere)."""
+    labelled = target != ignore_index
+    rows = torch.arange(target.shape[0], device=target.device) // block[0]
+    tile = torch.where(labelled, target, 0) // block[1]
+    counts = torch.zeros(n_blockrows * n_tiles, device=target.device)
+    return counts.index_add_(0, rows * n_tiles + tile, labelled.float()).view(n_blockrows, n_tiles)
+
+
+def rank_tiles(labels, collisions, tie_breaks, budget, most_collisions):
+    """(n_blockrows, budget) int64 tile indices, ascending: the block-row's `budget` tiles of
+    highest (label count, collisions, tie-break) in that order of priority. float64 keys hold
+    the three exactly while label count * (most_collisions + 1) stays below 2^52 / 2^20."""
+    key = labels.double() * (most_collisions + 1) + collisions.double() + tie_breaks
+    return key.topk(budget, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+@torch.no_grad()
+def select_tiles(x2d, weight, target, budget, block, bits, tables, ignore_index):
+    """select_active_tiles on checked, flattened operands (hashed_linear_cross_entropy checks)."""
+    (m, e), n = x2d.shape, weight.shape[0]
+    n_blockrows, n_tiles = -(-m // block[0]), -(-n // block[1])
+    planes, tie_breaks = draw_projections(e, bits, tables, n_blockrows, n_tiles, x2d.device)
+    collisions = collision_counts(x2d.detach(), weight.detach(), planes, bits, tables, block)
+    labels = label_counts(target, ignore_index, block, n_blockrows, n_tiles)
+    return rank_tiles(labels, collisions, tie_breaks, budget, block[0] * block[1] * tables)
