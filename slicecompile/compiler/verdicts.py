@@ -118,8 +118,8 @@ _MEASURED = {}  # Workload.key() -> (ours ms, Inductor's ms), this process's and
 
 
 def measure(work):
-    """(our op's, the dense computation's) median forward+backward milliseconds at work's sizes on
-    the current GPU, from this process's cache, the disk's, or timed now."""
+    """(our op's, the dense computation's) forward+backward cost in ms at work's sizes on the
+    current GPU (time_workload), from this process's cache, the disk's, or timed now."""
     path = _cache_path()
     if not _MEASURED.get(path):
         _MEASURED[path] = _read(path)
@@ -161,6 +161,8 @@ def _kernels(fn, calls=5):
             fn()
         torch.cuda.synchronize()
     gpu = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    if not gpu:  # another profiler running, say: no timing rather than a cost of zero
+        raise RuntimeError("the profiler recorded no GPU activity")
     return sum(event.time_range.elapsed_us() for event in gpu) / 1000 / calls, len(gpu) / calls
 
 
