@@ -125,12 +125,15 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["amazon", "lm"], help="amazon, lm or M,E,N")
     parser.add_argument("--active", type=float, nargs="+", default=[0.05])
     parser.add_argument("--block", type=lambda s: tuple(int(v) for v in s.split(",")), default=(64, 128))
-    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--bits", type=int, default=12)
     parser.add_argument("--tables", type=int, default=4)
     parser.add_argument("--rep-ms", type=float, default=2000, help="time each provider for at least this long")
     parser.add_argument("--providers", nargs="*", help="names to run (default: all)")
     parser.add_argument("--csv", default="hashed_outputs.csv")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

@@ -15,11 +15,17 @@ ignore_index rows, reductions and an empty batch behave as in F.cross_entropy. I
 (training=False or grad disabled) the op is exactly F.cross_entropy(F.linear(x, weight, bias),
 target).
 
-Cost: the compact logits are (M, budget * BN), never (M, N). Each GEMM (logits, dX, dW) does
-active / 1 of the dense work plus ragged rounding; hashing all N weight rows adds bits * tables /
-M of one dense GEMM. Block-rows are processed in chunks whose gathered weight tiles stay under a
-quarter of weight's size. The weight gradient is a full (N, E) tensor, as autograd needs, with
-only the active rows written (float32 accumulation for 16-bit weights, cast at the end).
+Cost: the compact logits are (M, budget * BN), never (M, N), and are never kept: forward saves
+per-row statistics only, and backward recomputes each chunk's logits, so four GEMMs (logits
+twice, dX, dW) each do about `active` of a dense GEMM's work. Hashing all N weight rows adds
+bits * tables / M of one dense GEMM (simhash.py). Chunks of the compact logits gather at most
+GATHER_FRACTION of weight's rows at a time. The weight gradient is a full (N, E) tensor, as
+autograd needs, zero outside the active rows, accumulated in float32 (16-bit weights: twice
+their size, cast at the end): it dominates the op's memory. Measured on a CPU (float32, active
+0.05, bench/bench_hashed_outputs.py, one thread): Amazon-670K's layer 0.69 s a step against the
+dense 4.49 s, at 0.19 of its peak memory; a GPT-2 LM head (2,048 tokens) 0.94 s against 6.19 s
+((256, 128) blocks: 0.53 s), at 0.15. On two threads sharing a core with another process the
+op's many mid-sized kernels waited on the busy thread (1.7 s against 5.6 s at Amazon-670K).
 Out-of-range targets raise ValueError on a CPU; elsewhere they fail a device-side assert
 (torch._assert_async) rather than synchronise with the host.
 """
@@ -32,7 +38,9 @@ from .masks import expand_tiles, flattened_rows
 from .simhash import MAX_BITS, MAX_TABLES, select_tiles, tile_budget
 
 DEFAULT_HASHED_BLOCK = (64, 128)
-DEFAULT_BITS = 8
+# 12 bits x 4 tables: on planted data the chosen tiles held each sample's top neuron 84% of the
+# time (45% at 8 x 4, 91% at 16 x 4); hashing cost 48 / M of a dense GEMM (simhash.py).
+DEFAULT_BITS = 12
 DEFAULT_TABLES = 4
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -79,9 +87,16 @@ def hashed_linear_cross_entropy_with_tiles(
 
 
 def select_active_tiles(
-    x, weight, target, *, active=0.1, block=DEFAULT_HASHED_BLOCK, bits=DEFAULT_BITS, tables=DEFAULT_TABLES,
+    x,
+    weight,
+    target,
+    *,
+    active=0.1,
+    block=DEFAULT_HASHED_BLOCK,
+    bits=DEFAULT_BITS,
+    tables=DEFAULT_TABLES,
     ignore_index=-100,
-):  # fmt: skip
+):
     """(n_blockrows, budget) int64 ascending tile indices that hashed_linear_cross_entropy computes
     for each block-row after the same torch.manual_seed; budget = min(n_tiles, ceil(active * N /
     BN)). Label tiles (most labels first), then SimHash's highest-ranked tiles (simhash.py)."""
@@ -94,18 +109,23 @@ def select_active_tiles(
 def hashed_linear_cross_entropy_reference(
     x, weight, target, tiles, bias=None, *, block=DEFAULT_HASHED_BLOCK, ignore_index=-100, reduction="mean"
 ):
-    """The definition on dense (M, N) logits, for tests: every logit outside a row's active tiles
-    and its own label set to -inf, then F.cross_entropy. Any dtype, differentiable by autograd."""
+    """The definition on dense (M, N) logits, for tests: every logit outside active_neurons set to
+    -inf, then F.cross_entropy. Any dtype, differentiable by autograd."""
     x2d = x.reshape(flattened_rows(x), x.shape[-1])
-    m, n = x2d.shape[0], weight.shape[0]
-    labels, labelled = target.reshape(-1), target.reshape(-1) != ignore_index
-    table = torch.zeros(tiles.shape[0], -(-n // block[1]), dtype=torch.bool, device=x.device)
-    kept = expand_tiles(table.scatter_(1, tiles, True), block, (m, n)).clone()
-    rows = torch.arange(m, device=x.device)
-    kept[rows[labelled], labels[labelled]] = True
+    kept = active_neurons(tiles, target.reshape(-1), block, weight.shape[0], ignore_index)
     logits = F.linear(x2d, weight, bias).masked_fill(~kept, float("-inf"))
-    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    loss = F.cross_entropy(logits, target.reshape(-1), ignore_index=ignore_index, reduction=reduction)
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def active_neurons(tiles, labels, block, n, ignore_index=-100):
+    """(M, N) bool, the neurons in each row's softmax: its block-row's tiles (none past N) and its
+    own label (unless ignored)."""
+    table = torch.zeros(tiles.shape[0], -(-n // block[1]), dtype=torch.bool, device=tiles.device)
+    kept = expand_tiles(table.scatter_(1, tiles, True), block, (labels.shape[0], n)).clone()
+    rows = torch.arange(labels.shape[0], device=labels.device)[labels != ignore_index]
+    kept[rows, labels[rows]] = True
+    return kept
 
 
 def _dense(x2d, weight, bias, target, ignore_index, reduction):
@@ -126,73 +146,86 @@ def _over_tiles(x2d, weight, bias, target, tiles, block, ignore_index, reduction
     return (total / (labels != ignore_index).sum()).to(x2d.dtype)
 
 
-# Gathered weight tiles of one chunk of block-rows stay under this fraction of weight's rows (at
-# least one block-row a chunk), so that the gather adds little to the full-size dW backward must
-# return. 1/16: Amazon-670K at active 0.05, (64, 128) blocks, one block-row a chunk.
+# A chunk of the compact logits gathers at most this fraction of weight's rows (or 2^20 elements),
+# so that it adds little to the full-size dW that backward returns: 1/16 keeps Amazon-670K's step
+# at active 0.05 under a fifth of the dense step's memory. Two block-rows a chunk where there are
+# two, their columns split to fit: at Amazon-670K's shape a batch of two ran 2.5x faster than one
+# block-row at a time on two CPU threads, and as fast as all four at once.
 GATHER_FRACTION = 1 / 16
+MIN_CHUNK_ELEMENTS = 1 << 20
 
 
 class _SampledSoftmaxCrossEntropy(torch.autograd.Function):
-    """Per-row float32 losses over the active tiles (zero for ignored rows). Saves the compact
-    logits (M, budget * BN), the per-row log-normaliser, label logits and the tile index; the
-    weight tiles are gathered again in backward rather than kept."""
+    """Per-row float32 losses over the active tiles (zero for ignored rows). Saves per-row
+    statistics (log-normaliser, label logit) and the tile index, never the compact logits: backward
+    gathers each chunk's weight tiles again and recomputes its logits (one more GEMM of the active
+    work), so that the op's memory is dW plus one chunk."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, labels, tiles, block, ignore_index):
         m, n = x2d.shape[0], weight.shape[0]
         neurons, valid = _tile_neurons(tiles, block[1], n)
+        offsets = _offsets(bias, neurons, valid, x2d.dtype)
         x_blocks = _blockrows(x2d, block[0], tiles.shape[0])
-        logits = _compact_logits(x_blocks, weight, _offsets(bias, neurons, valid, x2d.dtype), neurons)
+        compact_lse = _compact_logsumexp(x_blocks, weight, offsets, neurons).flatten()[:m]
         labelled = labels != ignore_index
         label = torch.where(labelled, labels, 0)
         label_logit = _label_logits(x2d, weight, bias, label)
-        outside = labelled & ~_label_tile_active(tiles, label, block)
-        compact_lse = torch.logsumexp(logits.view(-1, logits.shape[-1])[:m].float(), dim=-1)
+        label_column = torch.where(labelled, _label_columns(tiles, label, block), -1)
+        outside = labelled & (label_column < 0)
         lse = torch.where(outside, torch.logaddexp(compact_lse, label_logit.float()), compact_lse)
-        ctx.save_for_backward(x2d, weight, logits, lse, label, label_logit, labelled, outside, neurons)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2d, weight, offsets, lse, label, label_logit, label_column, outside, neurons)
+        ctx.has_bias, ctx.block_m = bias is not None, block[0]
         return torch.where(labelled, lse - label_logit.float(), 0.0)
 
     @staticmethod
     def backward(ctx, grad_losses):
-        x2d, weight, logits, lse, label, label_logit, labelled, outside, neurons = ctx.saved_tensors
+        x2d, weight, offsets, lse, label, label_logit, label_column, outside, neurons = ctx.saved_tensors
         # where, not a product: with every row ignored the mean's gradient is 1 / 0, and must vanish.
-        g = torch.where(labelled, grad_losses.float(), 0.0)
-        # The label logit's own gradient: -1, plus its softmax share where it is the extra logit.
-        grad_label = g * (torch.where(outside, torch.exp(label_logit.float() - lse), 0.0) - 1)
+        g = torch.where((label_column >= 0) | outside, grad_losses.float(), 0.0)
+        # Where the label is the extra logit, its gradient is (its softmax share - 1) g; elsewhere the
+        # -g goes on its compact column, so that softmax - 1 cancels before multiplying, as in torch.
+        grad_label = torch.where(outside, g * (torch.exp(label_logit.float() - lse) - 1), 0.0)
         need = (*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
-        grads = _compact_gradients(x2d, weight, logits, lse, g, neurons, need)
+        grads = _compact_gradients(x2d, weight, offsets, lse, g, label_column, neurons, ctx.block_m, need)
         return *_with_label_gradients(grads, x2d, weight, label, grad_label), None, None, None, None
 
 
-def _compact_gradients(x2d, weight, logits, lse, g, neurons, need):
+def _compact_gradients(x2d, weight, offsets, lse, g, label_column, neurons, block_m, need):
     """dX = dZ W_c, dW = Σ_blockrows dZᵀ X_c and db = Σ_rows dZ over each block-row's active
-    neurons, dZ = softmax · g, one chunk of block-rows at a time: the chunk's dZ, gathered tiles and
-    their gradient are all the memory it adds to dW. dW's rows outside every active tile stay zero;
-    dW and db accumulate in float32 (16-bit weights: twice their size, cast at the end)."""
+    neurons, dZ = softmax · g, one chunk of block-rows at a time: the chunk's gathered tiles and
+    logits (turned into dZ in place) are all the memory it adds to dW. dW's rows outside every
+    active tile stay zero; dW and db accumulate in float32 (16-bit weights: cast at the end)."""
     need_x, need_w, need_b = need
-    (n_blockrows, block_m, width), (n, e), m = logits.shape, weight.shape, x2d.shape[0]
-    lse, g = (F.pad(v, (0, n_blockrows * block_m - m)).view(n_blockrows, block_m, 1) for v in (lse, g))
+    (n_blockrows, width), (n, e), m = neurons.shape, weight.shape, x2d.shape[0]
     x_blocks = _blockrows(x2d, block_m, n_blockrows)
-    grad_x = torch.empty_like(x_blocks) if need_x else None
+    lse, g = (F.pad(v, (0, n_blockrows * block_m - m)).view(n_blockrows, block_m, 1) for v in (lse, g))
+    label_column = F.pad(label_column, (0, n_blockrows * block_m - m), value=-1).view(n_blockrows, block_m, 1)
+    grad_x = torch.zeros_like(x_blocks) if need_x else None
     grad_w = torch.zeros(n, e, device=x2d.device) if need_w else None
     grad_b = torch.zeros(n, device=x2d.device) if need_b else None
-    for rows in _chunks(n_blockrows, width, n):
-        grad_logits = torch.exp(logits[rows].float() - lse[rows]).mul_(g[rows])
-        index = neurons[rows].flatten()
+    for chunk in _chunks(n_blockrows, width, weight):
+        rows, index = chunk[0], neurons[chunk].flatten()
+        tiles_w, logits = _chunk_logits(x_blocks, weight, offsets, neurons, chunk)
+        grad_logits = logits.float().sub_(lse[rows]).exp_().mul_(g[rows])
+        _subtract_at_labels(grad_logits, g[rows], label_column[rows] - chunk[1].start)
         if need_b:
             grad_b.index_add_(0, index, grad_logits.sum(1).flatten())
-        if not (need_x or need_w):
-            continue
         grad_logits = grad_logits.to(x2d.dtype)
-        tiles_w = weight.index_select(0, index).view(-1, width, e)
         if need_x:
-            torch.bmm(grad_logits, tiles_w, out=grad_x[rows])
-        if need_w:  # the gathered tiles are spent: their buffer takes their gradient
+            grad_x[rows].baddbmm_(grad_logits, tiles_w)
+        if need_w:  # the gathered rows are spent: their buffer takes their gradient
             torch.bmm(grad_logits.transpose(1, 2), x_blocks[rows], out=tiles_w)
             # index_put_, not index_add_: on a CPU index_add_ of rows costs ~90 ms at N = 670k however few.
             grad_w.index_put_((index,), tiles_w.view(-1, e).float(), accumulate=True)
+        del tiles_w, logits, grad_logits  # before the next chunk allocates its own
     return (None if grad_x is None else grad_x.view(-1, e)[:m]), grad_w, grad_b
+
+
+def _subtract_at_labels(grad_logits, g, column):
+    """grad_logits (r, BM, c) minus g at each row's label column, where that lies in the chunk."""
+    inside = (column >= 0) & (column < grad_logits.shape[2])
+    grad_logits.scatter_add_(2, column.clamp(0, grad_logits.shape[2] - 1), torch.where(inside, -g, 0.0))
 
 
 def _with_label_gradients(grads, x2d, weight, label, grad_label):
@@ -228,21 +261,33 @@ def _blockrows(x2d, block_m, n_blockrows):
     return F.pad(x2d, (0, 0, 0, pad)).view(n_blockrows, block_m, x2d.shape[1])
 
 
-def _chunks(n_blockrows, width, n):
-    """Slices of block-rows whose gathered tiles (width neurons each) total at most
-    GATHER_FRACTION of the N weight rows."""
-    per_chunk = max(1, int(GATHER_FRACTION * n) // width)
-    return [slice(start, start + per_chunk) for start in range(0, n_blockrows, per_chunk)]
+def _chunks(n_blockrows, width, weight):
+    """(block-rows, columns) slices covering the compact logits, each gathering at most
+    GATHER_FRACTION of weight's rows (MIN_CHUNK_ELEMENTS elements at least)."""
+    limit = max(int(GATHER_FRACTION * weight.shape[0]), MIN_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    rows = max(min(2, n_blockrows), limit // width)
+    cols = max(1, min(width, limit // rows))
+    return [
+        (slice(r, r + rows), slice(c, c + cols)) for r in range(0, n_blockrows, rows) for c in range(0, width, cols)
+    ]
 
 
-def _compact_logits(x_blocks, weight, offsets, neurons):
-    """(n_blockrows, BM, budget * BN) logits of each block-row's active neurons."""
-    n_blockrows, block_m, _ = x_blocks.shape
-    logits = x_blocks.new_empty(n_blockrows, block_m, neurons.shape[1])
-    for rows in _chunks(n_blockrows, neurons.shape[1], weight.shape[0]):
-        tiles_w = weight.index_select(0, neurons[rows].flatten()).view(-1, neurons.shape[1], weight.shape[1])
-        torch.baddbmm(offsets[rows, None, :], x_blocks[rows], tiles_w.transpose(1, 2), out=logits[rows])
-    return logits
+def _chunk_logits(x_blocks, weight, offsets, neurons, chunk):
+    """A chunk's gathered weight rows (r, c, E) and logits (r, BM, c)."""
+    rows, cols = chunk
+    index = neurons[rows, cols]
+    tiles_w = weight.index_select(0, index.flatten()).view(*index.shape, weight.shape[1])
+    # bmm then add_: baddbmm's broadcast copy of the offsets cost 1.5x the GEMM on a CPU.
+    return tiles_w, torch.bmm(x_blocks[rows], tiles_w.transpose(1, 2)).add_(offsets[rows, None, cols])
+
+
+def _compact_logsumexp(x_blocks, weight, offsets, neurons):
+    """(n_blockrows, BM) float32 log-sum-exp of each row's compact logits, chunk by chunk."""
+    lse = torch.full(x_blocks.shape[:2], float("-inf"), device=x_blocks.device)
+    for chunk in _chunks(*neurons.shape, weight):
+        part = torch.logsumexp(_chunk_logits(x_blocks, weight, offsets, neurons, chunk)[1].float(), dim=-1)
+        lse[chunk[0]] = torch.logaddexp(lse[chunk[0]], part)
+    return lse
 
 
 def _label_logits(x2d, weight, bias, label):
@@ -251,10 +296,13 @@ def _label_logits(x2d, weight, bias, label):
     return z if bias is None else z + bias[label]
 
 
-def _label_tile_active(tiles, label, block):
-    """(M,) bool: whether row i's label tile is among its block-row's active tiles."""
+def _label_columns(tiles, label, block):
+    """(M,) int64: row i's label's column in its block-row's compact logits, -1 where its tile is
+    not among them."""
     rows = torch.arange(label.shape[0], device=label.device) // block[0]
-    return (tiles[rows] == (label // block[1])[:, None]).any(dim=1)
+    matches = tiles[rows] == (label // block[1])[:, None]
+    column = matches.int().argmax(dim=1) * block[1] + label % block[1]
+    return torch.where(matches.any(dim=1), column, -1)
 
 
 def _check_operands(x, weight, bias, target, ignore_index, reduction):
