@@ -48,7 +48,7 @@ class Report:
         lines.insert(1, "  ".join("-" * width for width in widths))
         share = self.saved_flops / self.dense_flops if self.dense_flops else 0.0
         lines.append(
-            f"{len(self.rewritten)} of {len(self.sites)} dropout sites rewritten in {self.graphs} graph(s); "
+            f"{len(self.rewritten)} of {len(self.sites)} sites rewritten in {self.graphs} graph(s); "
             f"predicted GEMM FLOPs saved per step (fwd+bwd): {self.saved_flops:.3g} of {self.dense_flops:.3g} "
             f"({share:.0%})"
         )

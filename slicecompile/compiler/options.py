@@ -28,6 +28,7 @@ class Options:
     min_gemm_size: int = DEFAULT_MIN_GEMM_SIZE  # M*K*N summed over a site's matmuls
     enabled: bool = True
     samples_per_group: int = 8  # dropout -> conv2d, block policy: samples sharing one channel mask
+    hashed_outputs: float | None = None  # active share: F.cross_entropy(linear(x)) over hashed output tiles
     rewrite: str = "auto"  # on a GPU, only sites timed faster than Inductor (verdicts.py); or "always"
 
 
@@ -56,6 +57,9 @@ def _validated(options):
     block = check_block(options.block)
     if options.policy not in POLICIES:
         raise ValueError(f"unknown policy {options.policy!r}; known policies: {', '.join(POLICIES)}")
+    active = options.hashed_outputs
+    if active is not None and (isinstance(active, bool) or not isinstance(active, (int, float)) or not 0 < active <= 1):
+        raise ValueError(f"hashed_outputs must be None or an active share in (0, 1], got {active!r}")
     if options.rewrite not in MODES:
         raise ValueError(f"unknown rewrite mode {options.rewrite!r}; known modes: {', '.join(MODES)}")
     size = options.min_gemm_size

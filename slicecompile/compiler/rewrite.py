@@ -30,6 +30,7 @@ from ..ops import (
     slice_dropout_linear_with_window,
 )
 from ..ops.dropout_conv2d import dropout_conv2d
+from ..ops.hashed_linear_cross_entropy import hashed_linear_cross_entropy
 from ..ops.masks import flattened_rows
 from .patterns import meta_value
 
@@ -82,6 +83,18 @@ def attention_under_block_dropout(q, k, v, attn_mask, p, is_causal, scale, enabl
         attn_mask = attn_mask.float()
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return dropout_attention(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, block)
+
+
+def hashed_loss(x, weight, bias, target, active, ignore_index, reduction, dtype, out_dtype):
+    """F.cross_entropy(F.linear(x, weight, bias) viewed as (rows, classes), target) over hashed
+    output tiles, with the linear layer in dtype and the loss in out_dtype and target's shape, as
+    the original returned it."""
+    bias = None if bias is None else bias.to(dtype)
+    rows = target.reshape(x.shape[:-1])
+    loss = hashed_linear_cross_entropy(
+        x.to(dtype), weight.to(dtype), rows, bias, active=active, ignore_index=ignore_index, reduction=reduction
+    )
+    return loss.to(out_dtype).reshape(target.shape if reduction == "none" else ())
 
 
 @contextlib.contextmanager
@@ -214,6 +227,17 @@ def _attention_replacements(graph, site, block):
         return [(node, graph.call_function(attention_under_block_dropout, args))]
 
 
+def _loss_replacements(graph, site):
+    """A loss site's new node: the hashed loss in place of the cross_entropy call."""
+    node, match = site.matches[0]
+    out = meta_value(node)
+    with graph.inserting_before(node):
+        weight = _transposed(graph, match)
+        args = (match.operand, weight, match.bias, match.target, site.p, match.ignore_index, match.reduction)
+        args += (match.dtype, out.dtype if out is not None else torch.float32)
+        return [(node, graph.call_function(hashed_loss, args))]
+
+
 def _erase_unused(graph, nodes):
     """Erase those of nodes (latest first) that nothing reads any more."""
     present = set(graph.nodes)
@@ -230,6 +254,8 @@ def rewrite_site(graph, site, block, samples_per_group=8):
     try:
         if site.side == "attention":
             replacements = _attention_replacements(graph, site, block)
+        elif site.side == "loss":
+            replacements = _loss_replacements(graph, site)
         elif site.side == "output":
             replacements = _output_replacements(graph, site, block)
         else:
@@ -240,10 +266,10 @@ def rewrite_site(graph, site, block, samples_per_group=8):
         raise
     for old, new in replacements:
         _swap(old, new)
-    if site.pattern != "sdpa_dropout":  # the SDPA call was the site's node, replaced above
+    if site.side != "loss" and site.pattern != "sdpa_dropout":  # the site's node was replaced above
         site.node.replace_all_uses_with(site.node.args[0])  # its users read the dropped result now
         graph.erase_node(site.node)
-    if site.pattern == "attention_dropout":
+    if site.pattern in ("attention_dropout", "hashed_outputs"):
         _erase_unused(graph, site.matches[0][1].dead)
     return dict(replacements)
 

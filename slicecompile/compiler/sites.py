@@ -12,8 +12,6 @@ call with dropout, whose node is the site. Sites inside activation checkpointing
 count too.
 """
 
-from dataclasses import dataclass, field
-
 import torch
 from torch.fx import Node
 
@@ -27,6 +25,7 @@ from .attention_patterns import (
     probabilities_source,
 )
 from .graphs import graph_modules, location, module_path
+from .loss_patterns import decide_loss, is_cross_entropy
 from .patterns import (
     arg_of,
     describe,
@@ -40,58 +39,8 @@ from .patterns import (
     static_size,
     view_source,
 )
-from .verdicts import SLOWER, judge
-
-# Skips the user asked for (by the call or the options), as opposed to what the pass cannot do.
-EVAL_MODE = "eval mode (training=False)"
-IDENTITY = "p = 0 (dropout is the identity)"
-DISABLED = "disabled by options"
-INPUT_SIDE_OFF = "input side turned off (input_side=False)"
-OUTPUT_SIDE_OFF = "output side turned off (output_side=False)"
-REQUESTED = frozenset({EVAL_MODE, IDENTITY, DISABLED, INPUT_SIDE_OFF, OUTPUT_SIDE_OFF})
-
-
-@dataclass
-class Site:
-    """One dropout in the graph and what the pass decided about it."""
-
-    name: str  # the dropout node
-    module: str  # module path of the dropout, "" for a functional call in the top-level forward
-    location: str  # file:line of the dropout call
-    p: float | None
-    consumer: str  # the matmul kind(s) (made the dropout's input, on the output side), or what rules it out
-    pattern: str | None  # the PATTERNS row that matched, if any
-    input_shape: tuple  # the dropout input's shape (dynamic sizes at their first-seen value)
-    dtype: str
-    device: str
-    gemms: tuple = ()  # (M, K, N) per consuming matmul
-    rewritten: bool = False
-    reason: str = ""
-    policy: str = "block"  # how the rewrite drops: "block" tiles or one "slice" window
-    side: str = "input"  # the dropped matrix: the matmul's "input", its "output", or the "attention" probabilities
-    node: Node | None = field(default=None, repr=False)  # the dropout node, for rewrite.py
-    matches: list = field(default_factory=list, repr=False)  # (consumer node, Match), for rewrite.py
-    timing: tuple | None = None  # (ours, Inductor's) ms forward+backward, timed under rewrite="auto"
-
-    @property
-    def requested(self):
-        """Skipped because the call or the options asked for it (eval mode, p = 0, a side off,
-        timed slower under rewrite="auto")."""
-        return self.reason in REQUESTED or self.reason.startswith(SLOWER)
-
-    @property
-    def dense_flops(self):
-        """Forward + both backward GEMMs, dense."""
-        return sum(6 * m * k * n for m, k, n in self.gemms)
-
-    @property
-    def saved_flops(self):
-        """Expected FLOPs skipped: a fraction p of each of the three GEMMs; for attention, of
-        P·V's three (P·V, dV and dP), since q kᵀ, dQ and dK visit dropped tiles too."""
-        if not self.rewritten:
-            return 0
-        skipping = self.gemms[1:] if self.side == "attention" else self.gemms
-        return round(self.p * sum(6 * m * k * n for m, k, n in skipping))
+from .records import DISABLED, EVAL_MODE, IDENTITY, INPUT_SIDE_OFF, OUTPUT_SIDE_OFF, Site
+from .verdicts import judge
 
 
 def _consumers(dropout):
@@ -359,8 +308,15 @@ def find_sites(gm, options):
     other higher-order ops (control flow, ...) are listed as skipped."""
     sites = []
     for sub, reason in graph_modules(gm):
-        for node in (node for node in sub.graph.nodes if is_dropout(node) or is_sdpa(node)):
-            site = decide_sdpa(node, options) if is_sdpa(node) else decide(node, options)
+        for node in sub.graph.nodes:
+            if is_sdpa(node):
+                site = decide_sdpa(node, options)
+            elif is_dropout(node):
+                site = decide(node, options)
+            elif options.hashed_outputs and is_cross_entropy(node):
+                site = decide_loss(node, options)
+            else:
+                continue
             if reason:
                 site.rewritten, site.matches, site.reason = False, [], f"{reason}: not supported"
             sites.append(site)

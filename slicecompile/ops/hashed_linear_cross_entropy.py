@@ -326,10 +326,11 @@ def _check_operands(x, weight, bias, target, ignore_index, reduction):
 
 
 def _check_target_range(target, n, ignore_index):
-    """On a CPU the check is cheap and raises here; on other devices it is a device-side assert,
-    so that it never waits for the device."""
+    """On a CPU the check is cheap and raises here; on other devices, and while torch.compile
+    traces (fake or functional tensors, whose values are unknown), it is a device-side assert, so
+    that it never waits for the device."""
     in_range = ((target >= 0) & (target < n)) | (target == ignore_index)
-    if target.device.type != "cpu":
+    if target.device.type != "cpu" or type(target) is not torch.Tensor:
         torch._assert_async(in_range.all(), f"target out of range: class indices must be in [0, {n}) or ignore_index")
     elif not in_range.all():
         bad = target[~in_range][0].item()

@@ -68,10 +68,10 @@ def test_table():
     assert lines[2].split()[2:10] == ["linear", "4x8x32", "32x32x16", "0.25", "input", "block", "-", "yes"]
     assert "used by add (not a matmul input)" in lines[3]
     assert lines[-1] == (
-        "1 of 2 dropout sites rewritten in 2 graph(s); predicted GEMM FLOPs saved per step (fwd+bwd): "
+        "1 of 2 sites rewritten in 2 graph(s); predicted GEMM FLOPs saved per step (fwd+bwd): "
         "2.46e+04 of 9.83e+04 (25%)"
     )
-    assert str(Report()).splitlines()[-1].startswith("0 of 0 dropout sites")
+    assert str(Report()).splitlines()[-1].startswith("0 of 0 sites")
 
 
 class LinearAndAttention(nn.Module):
