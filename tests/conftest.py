@@ -1,6 +1,14 @@
 import os
+import pathlib
+import sys
 
 import torch
+
+# `python -m pytest` puts the working directory first on sys.path. In the repository's root that
+# makes its kernels/ folder (installed as slicecompile.kernels) the top-level `kernels` module,
+# in place of the Hugging Face `kernels` package that transformers (>= 5) imports.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:] = [path for path in sys.path if pathlib.Path(path or ".").resolve() != ROOT]
 
 # Without a GPU the Triton kernels run on the CPU through Triton's interpreter. This must be
 # set before slicecompile.kernels is imported (triton.jit reads it at decoration time).
