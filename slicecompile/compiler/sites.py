@@ -325,13 +325,16 @@ def find_sites(gm, options):
 
 def _one_side_per_matmul(sites):
     """A matmul with a rewritten site on each side (linear → ReLU → dropout → linear → dropout)
-    keeps its input side: the ops drop one side of a matmul."""
+    keeps its input side: the ops drop one side of a matmul. So does a linear layer whose loss
+    would be computed over hashed outputs (the hashed loss takes the layer's input undropped)."""
     fed = {node: site for site in sites if site.rewritten and site.side == "input" for node, _ in site.matches}
-    for site in sites:
-        if site.rewritten and site.side == "output" and site.matches[0][0] in fed:
-            by = fed[site.matches[0][0]]
+    for site in (site for site in sites if site.rewritten and site.side in ("output", "loss")):
+        matmul = site.matches[0][1].dead[-1] if site.side == "loss" else site.matches[0][0]
+        if matmul in fed:
+            by = fed[matmul]
             where = " ".join(part for part in (by.module, f"({by.location})" if by.location else "") if part)
-            site.rewritten, site.matches, site.gemms = False, [], ()
+            site.rewritten, site.matches = False, []
+            site.gemms = site.gemms if site.side == "loss" else ()
             site.reason = (
                 f"the {site.consumer}'s input is block-dropped already by {where or by.name}: one side per matmul"
             )
