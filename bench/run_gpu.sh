@@ -8,13 +8,15 @@
 # encoder: the 4-layer encoder training step; slice: the slice policy and the compact saved input
 # against cuBLAS; memory: the encoder step's peak memory; wrn: Wide ResNet blocks; frontier: the
 # language model at equal wall-clock budgets, and its step profile; distributed: the encoder step
-# under DDP on every GPU of the machine. CSV rows go to bench/results/, logs to ${OUT:-bench/results}.
+# under DDP on every GPU of the machine; verdicts: what rewrite="auto" decides at the benchmarks'
+# shapes; hashed: the hashed-outputs loss against the dense one. CSV rows go to bench/results/,
+# logs to ${OUT:-bench/results}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests kernels output attention gpt2 encoder slice memory wrn frontier distributed}
+parts=${*:-tests kernels output attention gpt2 encoder slice memory wrn frontier distributed verdicts hashed}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$out/gpu.txt"
 for part in $parts; do
@@ -72,6 +74,11 @@ for part in $parts; do
     distributed)
       (cd bench && python3 -m torch.distributed.run --nproc-per-node "$(nvidia-smi -L | wc -l)" bench_distributed.py \
         --steps 60 --warmup 15) 2>&1 | tee "$out/bench_distributed.log" ;;
+    verdicts)
+      python3 bench/bench_verdicts.py 2>&1 | tee "$out/bench_verdicts.log" ;;
+    hashed)
+      python3 bench/bench_hashed_outputs.py --device cuda --dtype bfloat16 --active 0.05 0.1 0.25 \
+        --shapes 16384,768,50304 8192,1024,128256 4096,128,670091 2>&1 | tee "$out/bench_hashed_outputs.log" ;;
     frontier)
       python3 bench/bench_frontier.py --budget 15 --p 0.1 0.3 0.5 2>&1 | tee "$out/bench_frontier.log"
       python3 bench/bench_lm_step.py 2>&1 | tee "$out/bench_lm_step.log" ;;
