@@ -21,11 +21,10 @@ twice, dX, dW) each do about `active` of a dense GEMM's work. Hashing all N weig
 bits * tables / M of one dense GEMM (simhash.py). Chunks of the compact logits gather at most
 GATHER_FRACTION of weight's rows at a time. The weight gradient is a full (N, E) tensor, as
 autograd needs, zero outside the active rows, accumulated in float32 (16-bit weights: twice
-their size, cast at the end): it dominates the op's memory. Measured on a CPU (float32, active
-0.05, bench/bench_hashed_outputs.py, one thread): Amazon-670K's layer 0.69 s a step against the
-dense 4.49 s, at 0.19 of its peak memory; a GPT-2 LM head (2,048 tokens) 0.94 s against 6.19 s
-((256, 128) blocks: 0.53 s), at 0.15. On two threads sharing a core with another process the
-op's many mid-sized kernels waited on the busy thread (1.7 s against 5.6 s at Amazon-670K).
+their size, cast at the end): it dominates the op's memory. Measured on a 2-core CPU (float32,
+active 0.05, bench/bench_hashed_outputs.py, two threads): Amazon-670K's layer 0.44 s a step
+against the dense 2.15 s, at 0.19 of its peak memory; a GPT-2 LM head (2,048 tokens) 0.61 s
+against 2.89 s, at 0.15 ((128, 128) blocks: 0.37 s and 0.48 s, with a lower hit rate).
 Out-of-range targets raise ValueError on a CPU; elsewhere they fail a device-side assert
 (torch._assert_async) rather than synchronise with the host.
 """
