@@ -18,7 +18,7 @@ from torch.fx import Node
 from ..ops.hashed_linear_cross_entropy import DEFAULT_HASHED_BLOCK, REDUCTIONS
 from ..ops.simhash import tile_budget
 from .graphs import location, module_path
-from .patterns import describe, is_view, meta_value, pattern_of, shape_of
+from .patterns import describe, is_view, meta_value, pattern_of, shape_of, size_reason
 from .records import Site
 
 CASTS = {"float", "double", "half", "bfloat16", "to", "type_as"}
@@ -35,6 +35,7 @@ class LossMatch(NamedTuple):
     target: Node
     ignore_index: int
     reduction: str
+    gemm: tuple  # the linear layer's (M, E, N)
     dtype: torch.dtype  # what the linear layer computes in
     dead: tuple
 
@@ -76,8 +77,8 @@ def match_loss(node):
     out = meta_value(logits)
     dtype = out.dtype if out is not None else meta_value(x).dtype
     target = args.get("target")
-    return LossMatch(x, match.weight, match.weight_transposed, match.bias, target, ignore_index, reduction, dtype,
-                     (*dead, logits))  # fmt: skip
+    return LossMatch(x, match.weight, match.weight_transposed, match.bias, target, ignore_index, reduction,
+                     match.gemm, dtype, (*dead, logits))  # fmt: skip
 
 
 def _is_cast(node):
@@ -109,30 +110,19 @@ def decide_loss(node, options):
     if isinstance(match, str):
         site.reason = match
     else:
-        site.gemms = (_gemm(match),)
+        site.gemms = (match.gemm,)
         site.consumer = describe(match.dead[-1])
-        site.reason = _reason(match, site.gemms[0], options)
+        site.reason = _reason(match, options)
         site.matches = [(node, match)]
     site.rewritten = not site.reason
     site.reason = site.reason or "rewritten"
     return site
 
 
-def _gemm(match):
-    *rows, features = shape_of(match.operand)
-    weight = shape_of(match.weight)
-    classes = weight[1] if match.weight_transposed else weight[0]
-    m = 1
-    for size in rows:
-        m *= size
-    return (m, features, classes)
-
-
-def _reason(match, gemm, options):
-    m, k, n = gemm
-    if m * k * n < options.min_gemm_size:
-        return f"GEMM too small (M*K*N = {m * k * n} < min_gemm_size = {options.min_gemm_size})"
-    block_n = DEFAULT_HASHED_BLOCK[1]
+def _reason(match, options):
+    if reason := size_reason([match.gemm], options):
+        return reason
+    n, block_n = match.gemm[2], DEFAULT_HASHED_BLOCK[1]
     tiles, budget = -(-n // block_n), tile_budget(n, block_n, options.hashed_outputs)
     if 2 * budget > tiles:
         return f"too few output tiles to pay: {budget} of {tiles} tiles of {block_n} classes would be active"

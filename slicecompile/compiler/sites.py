@@ -36,6 +36,7 @@ from .patterns import (
     meta_value,
     pattern_of,
     shape_of,
+    size_reason,
     static_size,
     view_source,
 )
@@ -118,14 +119,7 @@ def _operand_reason(operand, matches, options):
             and shape_of(match.bias) != match.gemm[2:]
         ):
             return "bias is not a vector of out_features"
-    return _size_reason([match.gemm for _, match in matches], options)
-
-
-def _size_reason(gemms, options):
-    size = sum(m * k * n for m, k, n in gemms)
-    if size < options.min_gemm_size:
-        return f"GEMM too small (M*K*N = {size} < min_gemm_size = {options.min_gemm_size})"
-    return None
+    return size_reason([match.gemm for _, match in matches], options)
 
 
 def _policy(site, options):
@@ -218,7 +212,7 @@ def _finish_attention(site, match, options):
         site.matches, site.reason = [], site.reason or match
     else:
         site.matches, site.gemms = [(site.matches[0][0] if site.matches else site.node, match)], match.gemms
-        site.reason = site.reason or attention_reason(match) or _size_reason(match.gemms, options)
+        site.reason = site.reason or attention_reason(match) or size_reason(match.gemms, options)
     site.rewritten = not site.reason
     site.reason = site.reason or "rewritten"
     return site
