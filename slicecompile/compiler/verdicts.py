@@ -12,8 +12,8 @@ them in a compiled graph: a launch-bound op pays for its launches.
 
 Measured, not modelled: the op's speed depends on the GPU, the Triton version and the autotuner's
 choice at the exact shape (a 768-wide weight gradient is 36 output tiles for 132 multiprocessors),
-which a cost model would have to be re-calibrated for on every GPU. The timing costs about a
-second per new site shape, at its first compile, and is cached on disk per GPU, torch and Triton
+which a cost model would have to be re-calibrated for on every GPU. The timing costs one to
+two seconds per new site shape, at its first compile, and is cached on disk per GPU, torch and Triton
 version (SLICECOMPILE_CACHE_DIR, by default ~/.cache/slicecompile), so later processes read it.
 
 On a CPU the rewrite stays as "always": there it exists to run the semantics, through Triton's
