@@ -6,6 +6,8 @@ Shapes: amazon, Amazon-670K's extreme classifier (E 128, N 670,091, batch 256); 
 LM head (E 768, N 50,304, 2,048 tokens); or M,E,N. Providers: dense (eager), hashed (the op,
 eager), and on CUDA dense_inductor (the dense loss under torch.compile) and liger (Liger-Kernel's
 LigerFusedLinearCrossEntropyLoss, chunked, never the full logits; skipped if not importable).
+hashed_codes is the op with a WeightCodes (refresh="auto"), keeping the weight's hash between
+steps: its time is the mean over whole refresh periods, re-hashing steps included.
 
 Time: the median wall time of a step (slicecompile.tools.timing.median_ms: CUDA events through
 do_bench on a GPU, perf_counter on a CPU), gradients reset to None before each step, so dW's
@@ -29,6 +31,7 @@ import ctypes
 import datetime
 import gc
 import pathlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -68,10 +71,13 @@ def providers(device, actives, args):
         except ImportError:
             print("liger: Liger-Kernel is not importable; skipped")
     for active in actives:
-        hashed = lambda x, w, b, t, active=active: slicecompile.hashed_linear_cross_entropy(  # noqa: E731
-            x, w, t, b, active=active, block=args.block, bits=args.bits, tables=args.tables
-        )
-        found[f"hashed@{active}"] = (active, hashed)
+        for cached in (False, True):
+            codes = slicecompile.WeightCodes() if cached else None
+            hashed = lambda x, w, b, t, active=active, codes=codes: slicecompile.hashed_linear_cross_entropy(  # noqa: E731
+                x, w, t, b, active=active, block=args.block, bits=args.bits, tables=args.tables, weight_codes=codes
+            )
+            hashed.weight_codes = codes
+            found[f"hashed{'_codes' if cached else ''}@{active}"] = (active, hashed)
     return found
 
 
@@ -80,6 +86,25 @@ def step_of(loss_fn, x, w, b, t):
         loss_fn(x, w, b, t).backward()
 
     return step
+
+
+def mean_ms(step, device, leaves, period, rep_ms):
+    """Mean wall time of a step over whole refresh periods of its WeightCodes (re-hashing steps and
+    the others in their proportion), at least rep_ms of them after a warm-up period."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    total, steps = 0.0, 0
+    for round_ in range(1 << 30):
+        sync()
+        start = time.perf_counter()
+        for _ in range(period):
+            for leaf in leaves:
+                leaf.grad = None
+            step()
+        sync()
+        if round_:  # the first period warms up
+            total, steps = total + time.perf_counter() - start, steps + period
+        if total * 1000 >= rep_ms and steps >= 3:
+            return total * 1000 / steps
 
 
 @contextlib.contextmanager
@@ -155,7 +180,11 @@ def main():
                 if args.providers and provider not in args.providers and provider.split("@")[0] not in args.providers:
                     continue
                 step = step_of(loss_fn, x, w, b, t)
-                ms = median_ms(step, device, grad_to_none=[x, w, b], rep_ms=args.rep_ms)
+                codes = getattr(loss_fn, "weight_codes", None)
+                if codes is None:
+                    ms = median_ms(step, device, grad_to_none=[x, w, b], rep_ms=args.rep_ms)
+                else:
+                    ms = mean_ms(step, device, [x, w, b], codes.period(args.bits, args.tables, m), args.rep_ms)
                 peak_mb = peak_bytes(step, device, [x, w, b]) / 2**20
                 base = base or ((ms, peak_mb) if provider == "dense" else None)
                 speed = f"{base[0] / ms:.2f}x faster" if base else "-"

@@ -20,6 +20,7 @@ from .masks import DEFAULT_BLOCK, BlockMask, draw_block_mask
 from .output_dropout_linear import linear_dropout, linear_dropout_with_mask
 from .reference import dropout_linear_reference, linear_dropout_reference
 from .slice_dropout_linear import SliceWindow, draw_slice_window, slice_dropout_linear, slice_dropout_linear_with_window
+from .weight_codes import WeightCodes
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -27,6 +28,7 @@ __all__ = [
     "BlockMask",
     "ChannelMask",
     "SliceWindow",
+    "WeightCodes",
     "draw_attention_mask",
     "draw_block_mask",
     "draw_channel_mask",

@@ -48,16 +48,20 @@ def tile_budget(n, block_n, active):
     return max(1, min(n_tiles, math.ceil(round(active * n / block_n, 9))))
 
 
-def draw_projections(features, bits, tables, n_blockrows, n_tiles, device):
-    """(tables * bits, features) float32 standard normal hyperplanes and (n_blockrows, n_tiles)
-    float64 uniform tie-breakers in [0, 1), from one draw of torch's generator (a compiler may
-    reorder independent draws; one draw keeps the selection reproducible)."""
-    n_planes = tables * bits * features
+def draw_projections(features, bits, tables, n_blockrows, n_tiles, device, planes=True):
+    """(tables * bits, features) float32 standard normal hyperplanes (None unless planes) and
+    (n_blockrows, n_tiles) float64 uniform tie-breakers in [0, 1), from one draw of torch's
+    generator (a compiler may reorder independent draws; one draw keeps the selection
+    reproducible)."""
+    n_planes = tables * bits * features if planes else 0
     uniform = torch.rand(n_planes + n_blockrows * n_tiles, device=device)
+    tie_breaks = uniform[n_planes:].view(n_blockrows, n_tiles).double()
+    if not planes:
+        return None, tie_breaks
     # Inverse CDF; clamped away from 0 and 1, where erfinv is infinite.
     tiny = torch.finfo(torch.float32).tiny
     normal = torch.special.erfinv(uniform[:n_planes].clamp(tiny, 1 - 2**-24) * 2 - 1) * math.sqrt(2)
-    return normal.view(tables * bits, features), uniform[n_planes:].view(n_blockrows, n_tiles).double()
+    return normal.view(tables * bits, features), tie_breaks
 
 
 def simhash_codes(rows, planes, bits, tables):
@@ -85,22 +89,31 @@ def code_histograms(rows, planes, bits, tables, group_size, n_groups):
     return hist.view(tables, n_groups, codes)
 
 
-def collision_counts(x2d, weight, planes, bits, tables, block):
+def lookup_codes(weight, planes, bits, tables):
+    """(N, tables) int64 codes of weight's rows, table t's offset by t * 2^bits: the columns
+    collision_counts looks each neuron up in."""
+    chunk_rows = max(1, HASH_CHUNK_ELEMENTS // (bits * tables))
+    offset = torch.arange(tables, device=weight.device) * 2**bits
+    starts = range(0, weight.shape[0], chunk_rows)
+    return torch.cat([simhash_codes(weight[s : s + chunk_rows], planes, bits, tables) for s in starts]).long() + offset
+
+
+def collision_counts(x2d, codes, planes, bits, tables, block):
     """(n_blockrows, n_tiles) float32: per block-row and output tile, the number of (sample,
-    neuron, table) code collisions, exact below 2^24. Each neuron looks its codes up in the
-    block-rows' histograms, and a tile sums its neurons: n_blockrows * N * tables lookups, and
-    memory that does not grow with 2^bits past the histograms themselves."""
-    (block_m, block_n), (m, n), device = block, (x2d.shape[0], weight.shape[0]), x2d.device
+    neuron, table) code collisions, exact below 2^24, for neurons of lookup_codes `codes`. Each
+    neuron looks its codes up in the block-rows' histograms, and a tile sums its neurons:
+    n_blockrows * N * tables lookups, and memory that does not grow with 2^bits past the
+    histograms themselves."""
+    (block_m, block_n), m, n = block, x2d.shape[0], codes.shape[0]
     n_blockrows = -(-m // block_m)
     hist = code_histograms(x2d, planes, bits, tables, block_m, n_blockrows)
     lookup = hist.permute(1, 0, 2).reshape(n_blockrows, tables * 2**bits)
-    table_offset = torch.arange(tables, device=device) * 2**bits
     # Whole tiles a chunk, so that each chunk's neurons sum into its own tiles.
-    chunk_rows = max(1, HASH_CHUNK_ELEMENTS // (tables * max(bits, n_blockrows)) // block_n) * block_n
+    chunk_rows = max(1, HASH_CHUNK_ELEMENTS // (tables * n_blockrows) // block_n) * block_n
     scores = []
     for start in range(0, n, chunk_rows):
-        codes = simhash_codes(weight[start : start + chunk_rows], planes, bits, tables).long() + table_offset
-        per_neuron = lookup.index_select(1, codes.flatten()).view(n_blockrows, -1, tables).sum(-1)
+        chunk = codes[start : start + chunk_rows]
+        per_neuron = lookup.index_select(1, chunk.flatten()).view(n_blockrows, -1, tables).sum(-1)
         scores.append(F.pad(per_neuron, (0, -per_neuron.shape[1] % block_n)).view(n_blockrows, -1, block_n).sum(-1))
     return torch.cat(scores, dim=1)
 
@@ -125,11 +138,19 @@ def rank_tiles(labels, collisions, tie_breaks, budget, most_collisions):
 
 
 @torch.no_grad()
-def select_tiles(x2d, weight, target, budget, block, bits, tables, ignore_index):
-    """select_active_tiles on checked, flattened operands (hashed_linear_cross_entropy checks)."""
+def select_tiles(x2d, weight, target, budget, block, bits, tables, ignore_index, weight_codes=None):
+    """select_active_tiles on checked, flattened operands (hashed_linear_cross_entropy checks);
+    weight's codes from weight_codes (a WeightCodes) where given, else hashed afresh."""
     (m, e), n = x2d.shape, weight.shape[0]
     n_blockrows, n_tiles = -(-m // block[0]), -(-n // block[1])
-    planes, tie_breaks = draw_projections(e, bits, tables, n_blockrows, n_tiles, x2d.device)
-    collisions = collision_counts(x2d.detach(), weight.detach(), planes, bits, tables, block)
+    fresh = weight_codes is None or weight_codes.due(weight, bits, tables, m)
+    planes, tie_breaks = draw_projections(e, bits, tables, n_blockrows, n_tiles, x2d.device, planes=fresh)
+    if fresh:
+        codes = lookup_codes(weight.detach(), planes, bits, tables)
+        if weight_codes is not None:
+            weight_codes.keep(weight, bits, tables, planes, codes)
+    else:
+        planes, codes = weight_codes.planes, weight_codes.codes
+    collisions = collision_counts(x2d.detach(), codes, planes, bits, tables, block)
     labels = label_counts(target, ignore_index, block, n_blockrows, n_tiles)
     return rank_tiles(labels, collisions, tie_breaks, budget, block[0] * block[1] * tables)

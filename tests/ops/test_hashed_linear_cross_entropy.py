@@ -103,7 +103,7 @@ def test_chunked_gathers_match_reference(monkeypatch):
     torch.manual_seed(0)
     x, w, b, target = ce_inputs((100,), 24, 2000, ignored=0.1)
     tiles = select_active_tiles(x, w, target, active=0.3, block=(16, 32))
-    assert len(op_module._chunks(tiles.shape[0], tiles.shape[1] * 32, w)) > 10
+    assert len(op_module._chunks(tiles.shape[0], tiles.shape[1] * 32, w, 32)) > 10
     check_against_reference(x, w, b, target, tiles, (16, 32))
 
 
