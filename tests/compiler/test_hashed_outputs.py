@@ -17,6 +17,7 @@ import slicecompile.compiler.backend as backend
 from slicecompile.compiler.options import parse_options
 from slicecompile.ops import hashed_linear_cross_entropy_reference
 
+from conftest import DEVICE
 from tolerance import assert_close
 
 hashed = importlib.import_module("slicecompile.ops.hashed_linear_cross_entropy")  # the package's name is the op
@@ -82,6 +83,7 @@ CASES = {
 
 @pytest.mark.parametrize("model", CASES.values(), ids=CASES.keys())
 def test_compiled_loss_matches_the_reference_over_the_same_tiles(model, fixed_tiles):
+    model = model.to(DEVICE)  # made at import, before the suite's default device is set
     h, target = torch.randn(3, 24, E, requires_grad=True), targets()
     compiled = torch.compile(model, backend="slicecompile", options=OPTIONS, fullgraph=True)
     loss = compiled(h, target)
@@ -162,6 +164,7 @@ SKIPS = {
 
 @pytest.mark.parametrize("model, reason, options", SKIPS.values(), ids=SKIPS.keys())
 def test_skips_with_a_reason(model, reason, options):
+    model = model.to(DEVICE)  # made at import, before the suite's default device is set
     *_, site = slicecompile.explain(model, torch.randn(2, 24, E), targets(2), options=options).sites
     assert (site.pattern, site.rewritten) == ("hashed_outputs", False) and site.reason.startswith(reason), site
 
