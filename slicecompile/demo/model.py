@@ -1,7 +1,8 @@
-"""A small byte-level Transformer language model whose dropouts sit before matmuls, where
-backend="slicecompile" rewrites them: on the attention probabilities (eager attention, before
-probabilities @ V) and in the MLP (GELU → dropout → down-projection). Pre-LayerNorm blocks,
-causal self-attention, tied input and output embeddings.
+"""A small Transformer language model (over bytes, or a BPE vocabulary: Config.vocab) whose
+dropouts sit before matmuls, where backend="slicecompile" rewrites them: on the attention
+probabilities (eager attention, before probabilities @ V) and in the MLP (GELU → dropout →
+down-projection). Pre-LayerNorm blocks, causal self-attention, tied input and output embeddings.
+The output layer feeds only the loss, so options={"hashed_outputs": active} can rewrite it.
 """
 
 import math
@@ -66,7 +67,7 @@ class LanguageModel(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)  # tied with the output: logits start near zero
 
     def forward(self, tokens, targets):
-        """Mean cross-entropy (nats per byte) of predicting targets from tokens, both (batch, length)."""
+        """Mean cross-entropy (nats per token) of predicting targets from tokens, both (batch, length)."""
         x = self.embed(tokens) + self.position[: tokens.shape[1]]
         for block in self.blocks:
             x = block(x)
