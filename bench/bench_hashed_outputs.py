@@ -7,7 +7,8 @@ LM head (E 768, N 50,304, 2,048 tokens); or M,E,N. Providers: dense (eager), has
 eager), and on CUDA dense_inductor (the dense loss under torch.compile) and liger (Liger-Kernel's
 LigerFusedLinearCrossEntropyLoss, chunked, never the full logits; skipped if not importable).
 hashed_codes is the op with a WeightCodes (refresh="auto"), keeping the weight's hash between
-steps: its time is the mean over whole refresh periods, re-hashing steps included.
+steps: its time is the mean over whole refresh periods, re-hashing steps included. selection is
+select_active_tiles alone (hashing the weight every call), the part of hashed's time that chooses.
 
 Time: the median wall time of a step (slicecompile.tools.timing.median_ms: CUDA events through
 do_bench on a GPU, perf_counter on a CPU), gradients reset to None before each step, so dW's
@@ -78,12 +79,18 @@ def providers(device, actives, args):
             )
             hashed.weight_codes = codes
             found[f"hashed{'_codes' if cached else ''}@{active}"] = (active, hashed)
+        select = lambda x, w, b, t, active=active: slicecompile.select_active_tiles(  # noqa: E731
+            x, w, t, active=active, block=args.block, bits=args.bits, tables=args.tables
+        )
+        found[f"selection@{active}"] = (active, select)
     return found
 
 
 def step_of(loss_fn, x, w, b, t):
     def step():
-        loss_fn(x, w, b, t).backward()
+        result = loss_fn(x, w, b, t)
+        if result.requires_grad:
+            result.backward()
 
     return step
 

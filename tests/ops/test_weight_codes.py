@@ -128,3 +128,18 @@ def test_weight_codes_of_another_type_raise():
     x, w, b, target = ce_inputs((8,), 16, 64)
     with pytest.raises(TypeError, match="weight_codes must be a slicecompile.WeightCodes"):
         hashed_linear_cross_entropy(x, w, target, b, weight_codes={"refresh": 3})
+
+
+def test_under_torch_compile_the_schedule_holds(hashes):
+    """The codes are looked up outside the graph (torch.compiler.disable): a compiled step keeps
+    the schedule instead of baking one call's decision into the graph."""
+    torch.manual_seed(0)
+    x, w, b, target = ce_inputs((40,), 16, 400)
+    codes = WeightCodes(refresh=3)
+    step = torch.compile(
+        lambda: hashed_linear_cross_entropy(x, w, target, b, active=0.2, block=BLOCK, weight_codes=codes),
+        backend="eager",
+    )
+    for _ in range(6):
+        step().backward()
+    assert hashes["n"] == 2 and codes.calls_since_refresh == 2
