@@ -3,10 +3,12 @@
 cached on disk, so a later run with the same vocabulary size and text loads it.
 
 GPT-2's recipe: text is split into words by GPT-2's pattern, bytes are the initial alphabet (no
-unknown tokens, decoding inverts encoding) and merges never cross a word. The demo's ~640 KB of
-training text holds about 10,500 distinct merges, so a larger requested size stops there: the
-model's output layer has the size the tokenizer reached (`tokenizer.get_vocab_size()`), never
-classes that no text produces.
+unknown tokens, decoding inverts encoding) and merges never cross a word. The ten modules'
+~640 KB of training text hold about 10,500 distinct merges, so a larger requested size stops
+there: the model's output layer has the size the tokenizer reached (`tokenizer.get_vocab_size()`),
+never classes that no text produces. The whole standard library (--corpus stdlib, ~11 MB of
+training text) reaches the default 32,768 (on CPython 3.11: training ~5 s, encoding ~7 s, 2.6M
+training tokens).
 
 The cache: $SLICECOMPILE_CACHE_DIR/bpe (by default ~/.cache/slicecompile/bpe), one JSON file per
 (requested size, SHA-256 of the training text). `tokenizers` is imported only here and only
@@ -47,7 +49,7 @@ def check_vocab_size(size):
 def as_text(data):
     """A uint8 tensor of UTF-8 bytes as str. A per-file cut (textdata.py) that splits a character
     leaves U+FFFD in its place."""
-    return bytes(data.tolist()).decode("utf-8", errors="replace")
+    return data.numpy().tobytes().decode("utf-8", errors="replace")
 
 
 def cache_path(size, text, cache_dir=None):
@@ -57,7 +59,7 @@ def cache_path(size, text, cache_dir=None):
 
 
 def train_tokenizer(size, text):
-    """A byte-level BPE tokenizer of at most `size` tokens trained on text (seconds on the demo's)."""
+    """A byte-level BPE tokenizer of at most `size` tokens trained on text (seconds on either corpus)."""
     tokenizers = _tokenizers()
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)

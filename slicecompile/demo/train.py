@@ -4,13 +4,15 @@ against training wall-clock time: a table, a CSV of the curves and a PNG plot in
 
     python -m slicecompile demo                                  # defaults for the device present
     python -m slicecompile demo --backend inductor slicecompile --policy block slice --p 0.1 --steps 2000
-    python -m slicecompile demo --vocab bpe --hashed 0.1 0.05    # full against hashed-output training
+    python -m slicecompile demo --vocab bpe --corpus stdlib --hashed 0.1 0.05   # full against hashed outputs
 
-The vocabulary is the 256 byte values, or with --vocab bpe a byte-level BPE vocabulary of at most
---vocab-size tokens (bpe.py; needs the `tokenizers` package). --hashed adds, for each active share,
-runs that train through the slicecompile backend with options={"hashed_outputs": active}: the loss
-over about that share of the output tiles. Validation loss is always the full softmax (the eager
-model in eval mode, without gradients), so hashed and full training compare on one measure.
+The text is ten standard-library modules, or with --corpus stdlib the whole standard library
+(textdata.py). The vocabulary is the 256 byte values, or with --vocab bpe a byte-level BPE
+vocabulary of at most --vocab-size tokens (bpe.py; needs the `tokenizers` package). --hashed adds,
+for each active share, runs that train through the slicecompile backend with
+options={"hashed_outputs": active}: the loss over about that share of the output tiles.
+Validation loss is always the full softmax (the eager model in eval mode, without gradients), so
+hashed and full training compare on one measure.
 
 Training time excludes the first step (compilation) and the evaluations.
 """
@@ -168,15 +170,16 @@ def check_hashed_sites(runs, config, data, device):
             raise SystemExit(f"--hashed {run.hashed:g}: the backend would not rewrite the model's loss: {reasons}")
 
 
-def write_results(runs, out, vocab="bytes"):
-    """demo.csv and val_loss.png in out; vocab names the tokens ("bytes", "bpe-10475")."""
+def write_results(runs, out, vocab="bytes", corpus="modules"):
+    """demo.csv and val_loss.png in out; vocab names the tokens ("bytes", "bpe-10475"), corpus the
+    text (textdata.CORPORA)."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "demo.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["backend", "policy", "p", "train_seconds", "step", "val_loss", "objective", "vocab"])
+        writer.writerow(["backend", "policy", "p", "train_seconds", "step", "val_loss", "objective", "vocab", "corpus"])
         for run in runs:
             writer.writerows(
-                [run.backend, run.policy, run.p, f"{s:.3f}", step, f"{loss:.4f}", run.objective, vocab]
+                [run.backend, run.policy, run.p, f"{s:.3f}", step, f"{loss:.4f}", run.objective, vocab, corpus]
                 for s, step, loss in run.curve
             )
     import matplotlib
@@ -191,7 +194,8 @@ def write_results(runs, out, vocab="bytes"):
         )
     ax.set_xlabel("training wall-clock time (s)")
     ax.set_ylabel("validation loss (nats/byte)" if vocab == "bytes" else f"validation loss (nats/token, {vocab})")
-    ax.set_title(f"{'byte-level' if vocab == 'bytes' else 'BPE'} LM on Python standard-library sources")
+    text = "ten standard-library modules" if corpus == "modules" else "the Python standard library"
+    ax.set_title(f"{'byte-level' if vocab == 'bytes' else 'BPE'} LM on {text}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -217,6 +221,9 @@ def parser():
     cli.add_argument("--backend", nargs="+", choices=BACKENDS, help="several compare (default: by device)")
     cli.add_argument("--policy", nargs="+", choices=POLICIES, default=["block"], help="slicecompile's policies")
     cli.add_argument("--p", type=float, nargs="+", default=[0.1], help="dropout probabilities (0: no dropout)")
+    cli.add_argument(
+        "--corpus", choices=textdata.CORPORA, default="modules", help="ten stdlib modules, or the whole stdlib"
+    )
     cli.add_argument("--vocab", choices=VOCABS, default="bytes", help="byte values, or byte-level BPE (bpe.py)")
     cli.add_argument("--vocab-size", type=int, help=f"--vocab bpe's size at most (default {bpe.DEFAULT_VOCAB_SIZE})")
     cli.add_argument("--hashed", type=float, nargs="+", help="active shares: also train on hashed outputs")
@@ -253,10 +260,10 @@ def check_args(args):
             raise SystemExit(f"--vocab-size: {error}") from None
 
 
-def load_data(args):
-    """(train, validation) token tensors and the vocabulary size; a BPE tokenizer is trained (or
-    loaded from its cache) on the training text."""
-    data = textdata.load()
+def load_data(args, files):
+    """(train, validation) token tensors of files and the vocabulary size; a BPE tokenizer is
+    trained (or loaded from its cache) on the training text."""
+    data = textdata.load(files)
     if args.vocab == "bytes":
         return data, textdata.VOCAB
     size = args.vocab_size or bpe.DEFAULT_VOCAB_SIZE
@@ -277,17 +284,18 @@ def compare(args):
         if getattr(args, key) is None:
             setattr(args, key, value)
     check_args(args)
-    data, vocab = load_data(args)
+    files = textdata.corpus_files(args.corpus)
+    data, vocab = load_data(args, files)
     config = Config(vocab=vocab, context=args.context, layers=args.layers, heads=args.heads, width=args.width)
     print(
         f"{device}: {args.layers} layers, width {args.width}, context {args.context}, batch {args.batch}; "
         f"{len(data[0]):,} training and {len(data[1]):,} validation {'bytes' if args.vocab == 'bytes' else 'tokens'} "
-        f"of {len(textdata.FILES)} stdlib files"
+        f"of corpus {args.corpus} ({len(files)} stdlib files)"
     )
     runs = runs_asked(args)
     check_hashed_sites(runs, config, data, device)
     runs = [train(run, config, args, data, device) for run in runs]
-    write_results(runs, args.out, "bytes" if args.vocab == "bytes" else f"bpe-{vocab}")
+    write_results(runs, args.out, "bytes" if args.vocab == "bytes" else f"bpe-{vocab}", args.corpus)
     print(table(runs))
     if device.type == "cpu":
         print(

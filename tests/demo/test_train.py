@@ -1,33 +1,19 @@
-"""The demo's data, model and command: real text split per file, a model whose dropouts the
-backend rewrites, and tiny end-to-end runs (bytes, and BPE with hashed outputs) that write their
-table, CSV and plot."""
+"""The demo's model and command: a model whose dropouts the backend rewrites, and tiny end-to-end
+runs (bytes on the whole standard library, and BPE with hashed outputs) that write their table,
+CSV and plot."""
 
 import csv
-import os
 import sys
-import sysconfig
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from slicecompile import explain
-from slicecompile.demo import textdata
 from slicecompile.demo import train as demo
 from slicecompile.demo.model import Config, LanguageModel
 
 from conftest import DEVICE
-
-
-def test_text_is_split_per_file_and_batches_shift_by_one():
-    train, validation = textdata.load()
-    assert train.dtype == torch.uint8 and 0.85 < len(train) / (len(train) + len(validation)) < 0.95
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], textdata.FILES[0]), "rb") as f:
-        first = f.read()
-    cut = int(len(first) * textdata.TRAIN_SHARE)
-    assert bytes(train[:cut].tolist()) == first[:cut] and bytes(validation[: len(first) - cut].tolist()) == first[cut:]
-    x, y = textdata.batch(train, 3, 10, torch.Generator().manual_seed(0), DEVICE)
-    assert x.shape == y.shape == (3, 10) and torch.equal(x[:, 1:], y[:, :-1])
 
 
 def test_model_dropouts_are_rewritten():
@@ -81,14 +67,16 @@ def test_model_loss_is_rewritten_to_hashed_outputs():
 def test_demo_runs_and_writes_its_results(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # the byte-level demo must not need it
     argv = ["--device", DEVICE, "--backend", "eager", "slicecompile", "--steps", "4", "--eval-every", "2"]
-    argv += ["--layers", "1", "--width", "32", "--heads", "2", "--context", "16", "--batch", "4"]
+    argv += ["--corpus", "stdlib", "--layers", "1", "--width", "32", "--heads", "2", "--context", "16", "--batch", "4"]
     assert demo.main(argv + ["--eval-batches", "2", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "demo.csv")))
     assert {(row["backend"], row["policy"]) for row in rows} == {("eager", "-"), ("slicecompile", "block")}
     assert [int(row["step"]) for row in rows] == [2, 4, 2, 4]
     assert all(torch.isfinite(torch.tensor(float(row["val_loss"]))) for row in rows)
+    assert {(row["vocab"], row["corpus"]) for row in rows} == {("bytes", "stdlib")}
     assert (tmp_path / "val_loss.png").stat().st_size > 10_000
-    assert "slicecompile block p=0.1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "slicecompile block p=0.1" in out and "of corpus stdlib (" in out
 
 
 TINY = ["--steps", "4", "--eval-every", "2", "--layers", "1", "--width", "32", "--heads", "2", "--context", "16"]
@@ -105,7 +93,7 @@ def test_hashed_demo_on_a_bpe_vocabulary(tmp_path, capsys, monkeypatch):
         ("hashed@0.25", "2"),
         ("hashed@0.25", "4"),
     ]
-    assert {row["vocab"] for row in rows} == {"bpe-512"}
+    assert {(row["vocab"], row["corpus"]) for row in rows} == {("bpe-512", "modules")}
     assert all(torch.isfinite(torch.tensor(float(row["val_loss"]))) for row in rows)
     # Full-softmax validation over 512 tokens: near log(512) = 6.24 after four steps, where the
     # hashed training loss (a softmax over about a quarter of them) is smaller.
@@ -126,3 +114,9 @@ def test_hashed_demo_on_a_bpe_vocabulary(tmp_path, capsys, monkeypatch):
 def test_bad_vocab_and_hashed_flags_are_refused(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         demo.main(flags + TINY + ["--backend", "eager", "--out", str(tmp_path)])
+
+
+def test_unknown_corpus_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        demo.parser().parse_args(["--corpus", "everything"])
+    assert "invalid choice: 'everything'" in capsys.readouterr().err
