@@ -9,6 +9,8 @@ LigerFusedLinearCrossEntropyLoss, chunked, never the full logits; skipped if not
 hashed_codes is the op with a WeightCodes (refresh="auto"), keeping the weight's hash between
 steps: its time is the mean over whole refresh periods, re-hashing steps included. selection is
 select_active_tiles alone (hashing the weight every call), the part of hashed's time that chooses.
+On CUDA, hashed_inductor is the op under torch.compile (Inductor fuses its elementwise work
+around the kernels), at the --compiled-active shares.
 
 Time: the median wall time of a step (slicecompile.tools.timing.median_ms: CUDA events through
 do_bench on a GPU, perf_counter on a CPU), gradients reset to None before each step, so dW's
@@ -83,6 +85,8 @@ def providers(device, actives, args):
             x, w, t, active=active, block=args.block, bits=args.bits, tables=args.tables
         )
         found[f"selection@{active}"] = (active, select)
+        if device.type == "cuda" and active in args.compiled_active:
+            found[f"hashed_inductor@{active}"] = (active, torch.compile(found[f"hashed@{active}"][1]))
     return found
 
 
@@ -157,6 +161,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["amazon", "lm"], help="amazon, lm or M,E,N")
     parser.add_argument("--active", type=float, nargs="+", default=[0.05])
     parser.add_argument("--block", type=lambda s: tuple(int(v) for v in s.split(",")), default=(64, 128))
+    parser.add_argument("--compiled-active", type=float, nargs="*", default=[0.1], help="CUDA: compile the op here")
     parser.add_argument("--bits", type=int, default=12)
     parser.add_argument("--tables", type=int, default=4)
     parser.add_argument("--rep-ms", type=float, default=2000, help="time each provider for at least this long")

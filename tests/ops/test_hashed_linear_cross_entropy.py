@@ -23,6 +23,7 @@ from tolerance import assert_close
 
 # The module, not the function of the same name that slicecompile.ops exports.
 op_module = importlib.import_module("slicecompile.ops.hashed_linear_cross_entropy")
+sampled_softmax = importlib.import_module("slicecompile.ops.sampled_softmax")
 blocks = st.tuples(st.sampled_from([16, 32, 64]), st.sampled_from([16, 32, 64]))
 
 
@@ -97,13 +98,13 @@ def test_matches_reference_on_the_same_tiles(lead, E, N, active, block, dtype, b
 
 
 def test_chunked_gathers_match_reference(monkeypatch):
-    """Many (block-rows, columns) chunks, as a large layer takes them."""
-    monkeypatch.setattr(op_module, "GATHER_FRACTION", 0.01)
-    monkeypatch.setattr(op_module, "MIN_CHUNK_ELEMENTS", 1)
+    """The torch path (a CPU's) in many (block-rows, columns) chunks, as a large layer takes them."""
+    monkeypatch.setattr(sampled_softmax, "GATHER_FRACTION", 0.01)
+    monkeypatch.setattr(sampled_softmax, "MIN_CHUNK_ELEMENTS", 1)
     torch.manual_seed(0)
     x, w, b, target = ce_inputs((100,), 24, 2000, ignored=0.1)
     tiles = select_active_tiles(x, w, target, active=0.3, block=(16, 32))
-    assert len(op_module._chunks(tiles.shape[0], tiles.shape[1] * 32, w, 32)) > 10
+    assert len(sampled_softmax._chunks(tiles.shape[0], tiles.shape[1] * 32, w, 32)) > 10
     check_against_reference(x, w, b, target, tiles, (16, 32))
 
 
