@@ -206,6 +206,7 @@ def main():
                 row |= dict(block="x".join(map(str, args.block)), fwd_bwd_ms=f"{ms:.2f}", peak_mb=f"{peak_mb:.1f}")
                 row |= dict(dtype=args.dtype, bits=args.bits, tables=args.tables, torch=torch.__version__)
                 writer.writerow(row | dict(timestamp=stamp))
+                f.flush()  # a run stopped by a time limit keeps the rows it measured
             del x, w, b, t
 
 

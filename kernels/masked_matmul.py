@@ -81,7 +81,8 @@ class MaskedMatmul:
             a, b, bias = (None if t is None else t.float() for t in (a, b, bias))
         with run_in_interpreter_dtype(out, a, b, bias) as (out_, a, b, bias):
             use_tma, a_t, b_t = operand_layouts(a, b, tma, mask_block)
-            config = config or (self.interpreter_tiles(mask_block) if interpreting() else None)
+            if interpreting() and config in (None, "first"):
+                config = self.interpreter_tiles(mask_block)
             launch, grid, meta = launch_config(
                 self.kernel, self.tuned[use_tma], config, self.tile_names, mask_block, M, N, use_tma, a
             )

@@ -80,11 +80,13 @@ def fit_to_mask(configs, named_args, **limits):
 
 def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persistent, a):
     """(launchable, grid, meta-parameters) for kernel on operand a: with an explicit config, or
-    with SLICECOMPILE_AUTOTUNE=0 (the first candidate, fitted), the plain kernel, whose tiles
+    config="first" or SLICECOMPILE_AUTOTUNE=0 (the first candidate, fitted), the plain kernel, whose tiles
     must divide the mask's block; otherwise the autotuned one. A kernel that can be persistent
     (persistent=True) gets at most one program per multiprocessor unless its config sets
     PERSISTENT=False; other kernels get one program per output tile."""
-    if config is None and os.environ.get("SLICECOMPILE_AUTOTUNE", "1") == "0":
+    if isinstance(config, str) and config != "first":
+        raise ValueError(f'config must be a dict of kernel tiles, "first" or None, got {config!r}')
+    if config == "first" or (config is None and os.environ.get("SLICECOMPILE_AUTOTUNE", "1") == "0"):
         (first,) = fit_to_mask(tuned.configs[:1], {"a_ptr": a}, **dict(zip(tile_names, mask_block)))
         config = dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
     if config is not None:

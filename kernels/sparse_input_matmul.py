@@ -178,7 +178,8 @@ def sparse_input_matmul(
     a_row_blocks: like kept, int32: step j of block-row i reads a's row-block a_row_blocks[i, j]
     (the result's row-block i gathers over a's); needs out, whose rows the result has
     (cdiv(rows, mask_block[0]) = kept's). Entries (kept's, a_row_blocks') must lie inside a and b.
-    config: kernel tiles and launch options instead of autotuning (tiles must divide the mask's block).
+    config: kernel tiles and launch options instead of autotuning (tiles must divide the mask's block),
+    or "first": the first autotuning candidate fitted to the mask, untuned.
     tma: read operands through the tensor memory accelerator; None picks it where it works.
     out: optional (M, N) tensor (any strides) to write into.
     """

@@ -151,7 +151,8 @@ def sparse_output_matmul(
     of b for each block-row: the result is then compact, (M, width * mask_block[1]), its column
     tile j of block-row i the product with b's column tile columns[i, j] (+ that tile's bias),
     and columns past b's last are -inf. Entries must lie in [0, cdiv(N, mask_block[1])).
-    config: kernel tiles and launch options instead of autotuning (tiles must divide the mask's block).
+    config: kernel tiles and launch options instead of autotuning (tiles must divide the mask's block),
+    or "first": the first autotuning candidate fitted to the mask, untuned.
     tma: read operands through the tensor memory accelerator; None picks it where it works.
     out: optional tensor of the result's shape (any strides) to write into; every element is written.
     """

@@ -28,6 +28,13 @@ from ..kernels import sparse_input_matmul, sparse_output_matmul
 from .dispatch import allow_tf32
 from .sampled_softmax import label_columns, label_logits, tile_neurons, with_label_gradients
 
+# The kernels' first candidate config, untuned. On an H100 (bfloat16, torch 2.11, Triton 3.6) the
+# whole op took 5-6 ms a call with it at M = 16384, E = 768, N = 50304 and at Amazon-670K's shape,
+# but about 1 s a call at every shape with autotuning on (bench/results/logs/
+# bench_hashed_outputs_kernels_h100.log), about what tuning its three kernels costs, as if every
+# call tuned them again: not yet explained. Tuning these kernels waits for that.
+CONFIG = "first"
+
 
 def sampled_softmax_losses(x2d, weight, bias, labels, tiles, block, ignore_index):
     """(M,) float32 losses, zero for ignored rows; differentiable in x2d, weight and bias. x2d
@@ -42,7 +49,7 @@ class _SampledSoftmaxKernels(torch.autograd.Function):
     def forward(ctx, x2d, weight, bias, labels, tiles, block, ignore_index):
         columns = tiles.to(torch.int32)
         logits = sparse_output_matmul(
-            x2d, weight.t(), None, block, 1.0, bias=bias, allow_tf32=allow_tf32(), columns=columns
+            x2d, weight.t(), None, block, 1.0, bias=bias, allow_tf32=allow_tf32(), columns=columns, config=CONFIG
         )
         compact_lse = torch.logsumexp(logits.float(), dim=1)
         labelled = labels != ignore_index
@@ -98,7 +105,16 @@ def _input_gradient(grad_logits, weight, columns, block):
     out = torch.empty(grad_logits.shape[0], weight.shape[1], device=weight.device)
     budget = columns.new_full((1,), columns.shape[1])
     return sparse_input_matmul(
-        grad_logits, weight, columns, budget, block, 1.0, out=out, allow_tf32=allow_tf32(), compact_a=True
+        grad_logits,
+        weight,
+        columns,
+        budget,
+        block,
+        1.0,
+        out=out,
+        allow_tf32=allow_tf32(),
+        compact_a=True,
+        config=CONFIG,
     )
 
 
@@ -108,7 +124,16 @@ def _weight_gradient(grad_logits, x2d, columns, block, n):
     block_rows, slots, count = tile_choosers(columns, -(-n // block[1]))
     out = torch.empty(n, x2d.shape[1], device=x2d.device)
     return sparse_input_matmul(
-        grad_logits.t(), x2d, block_rows, count, block[::-1], 1.0, out=out, allow_tf32=allow_tf32(), a_row_blocks=slots
+        grad_logits.t(),
+        x2d,
+        block_rows,
+        count,
+        block[::-1],
+        1.0,
+        out=out,
+        allow_tf32=allow_tf32(),
+        a_row_blocks=slots,
+        config=CONFIG,
     )
 
 

@@ -178,3 +178,14 @@ def test_list_options_reject_bad_arguments():
         sparse_input_matmul(f32, f32, lists, count, block, 1.0, a_row_blocks=lists)
     with pytest.raises(ValueError, match="kept must have shape"):
         sparse_input_matmul(f32, f32, lists, count, block, 1.0, out=f32[:16].clone(), a_row_blocks=lists)
+
+
+def test_the_first_config_untuned_matches_and_other_names_are_refused():
+    torch.manual_seed(0)
+    a, b = torch.randn(48, 64, device=DEVICE), torch.randn(64, 40, device=DEVICE)
+    kept = torch.tensor([[1, 0], [0, 1], [1, 0]], dtype=torch.int32, device=DEVICE)
+    count = torch.tensor([2], dtype=torch.int32, device=DEVICE)
+    first = sparse_input_matmul(a, b, kept, count, (16, 32), 1.0, config="first")
+    assert torch.equal(first, sparse_input_matmul(a, b, kept, count, (16, 32), 1.0))
+    with pytest.raises(ValueError, match='config must be a dict of kernel tiles, "first" or None'):
+        sparse_input_matmul(a, b, kept, count, (16, 32), 1.0, config="fastest")
