@@ -23,17 +23,11 @@ dX and dW are accumulated by the kernels in float32 and cast once, after the lab
 """
 
 import torch
+from torch import Tensor
 
 from ..kernels import sparse_input_matmul, sparse_output_matmul
 from .dispatch import allow_tf32
 from .sampled_softmax import label_columns, label_logits, tile_neurons, with_label_gradients
-
-# The kernels' first candidate config, untuned. On an H100 (bfloat16, torch 2.11, Triton 3.6) the
-# whole op took 5-6 ms a call with it at M = 16384, E = 768, N = 50304 and at Amazon-670K's shape,
-# but about 1 s a call at every shape with autotuning on (bench/results/logs/
-# bench_hashed_outputs_kernels_h100.log), about what tuning its three kernels costs, as if every
-# call tuned them again: not yet explained. Tuning these kernels waits for that.
-CONFIG = "first"
 
 
 def sampled_softmax_losses(x2d, weight, bias, labels, tiles, block, ignore_index):
@@ -48,9 +42,7 @@ class _SampledSoftmaxKernels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, labels, tiles, block, ignore_index):
         columns = tiles.to(torch.int32)
-        logits = sparse_output_matmul(
-            x2d, weight.t(), None, block, 1.0, bias=bias, allow_tf32=allow_tf32(), columns=columns, config=CONFIG
-        )
+        logits = sampled_logits(x2d, weight, bias, columns, *block)
         compact_lse = torch.logsumexp(logits.float(), dim=1)
         labelled = labels != ignore_index
         label = torch.where(labelled, labels, 0)
@@ -102,6 +94,40 @@ def _bias_gradient(grad_logits, columns, block, n):
 
 def _input_gradient(grad_logits, weight, columns, block):
     """(M, E) float32 dX: block-row r's compact dZ times the weight tiles it lists."""
+    return sampled_grad_input(grad_logits, weight, columns, *block)
+
+
+def _weight_gradient(grad_logits, x2d, columns, block, n):
+    """(N, E) float32 dW: tile t's rows are Σ over the block-rows r that chose it of
+    dZ[r's rows, t's compact columns]ᵀ X[r's rows]; zero for tiles nobody chose."""
+    block_rows, slots, count = tile_choosers(columns, -(-n // block[1]))
+    return sampled_grad_weight(grad_logits, x2d, block_rows, slots, count, n, *block)
+
+
+# The three GEMMs are triton_ops, as the other ops' are: called in eager mode their kernels launch
+# directly. Launched outside one, each call went through torch's wrap_triton path, which prunes an
+# autotuned kernel's configs into a new, empty autotuner on every call
+# (torch/_higher_order_ops/triton_kernel_wrap.py), so every call tuned again: about 1 s a call on
+# an H100 at every shape (bench/results/logs/bench_hashed_outputs_kernels_h100.log). They run the
+# first candidate config, untuned (5-6 ms for the whole op at M = 16384, E = 768, N = 50304 on
+# that H100), until a GPU run checks tuning inside the triton_ops.
+CONFIG = "first"
+
+
+@torch.library.triton_op("slicecompile::sampled_logits", mutates_args=())
+def sampled_logits(
+    x: Tensor, weight: Tensor, bias: Tensor | None, columns: Tensor, block_m: int, block_n: int
+) -> Tensor:
+    """(M, width * BN) compact logits x @ weightᵀ (+ bias) of the weight tiles columns (n_blockrows,
+    width) int32 lists for each block-row; -inf past N."""
+    return sparse_output_matmul(
+        x, weight.t(), None, (block_m, block_n), 1.0, bias=bias, allow_tf32=allow_tf32(), columns=columns, config=CONFIG
+    )
+
+
+@torch.library.triton_op("slicecompile::sampled_grad_input", mutates_args=())
+def sampled_grad_input(grad_logits: Tensor, weight: Tensor, columns: Tensor, block_m: int, block_n: int) -> Tensor:
+    """(M, E) float32: each block-row's compact grad_logits times the weight tiles columns lists."""
     out = torch.empty(grad_logits.shape[0], weight.shape[1], device=weight.device)
     budget = columns.new_full((1,), columns.shape[1])
     return sparse_input_matmul(
@@ -109,7 +135,7 @@ def _input_gradient(grad_logits, weight, columns, block):
         weight,
         columns,
         budget,
-        block,
+        (block_m, block_n),
         1.0,
         out=out,
         allow_tf32=allow_tf32(),
@@ -118,17 +144,26 @@ def _input_gradient(grad_logits, weight, columns, block):
     )
 
 
-def _weight_gradient(grad_logits, x2d, columns, block, n):
-    """(N, E) float32 dW: tile t's rows are Σ over the block-rows r that chose it of
-    dZ[r's rows, t's compact columns]ᵀ X[r's rows]; zero for tiles nobody chose."""
-    block_rows, slots, count = tile_choosers(columns, -(-n // block[1]))
-    out = torch.empty(n, x2d.shape[1], device=x2d.device)
+@torch.library.triton_op("slicecompile::sampled_grad_weight", mutates_args=())
+def sampled_grad_weight(
+    grad_logits: Tensor,
+    x: Tensor,
+    block_rows: Tensor,
+    slots: Tensor,
+    count: Tensor,
+    n: int,
+    block_m: int,
+    block_n: int,
+) -> Tensor:
+    """(N, E) float32: tile t's rows Σ over its choosers (tile_choosers) of their compact
+    grad_logits' columns for t, transposed, times their rows of x; zeros for tiles none chose."""
+    out = torch.empty(n, x.shape[1], device=x.device)
     return sparse_input_matmul(
         grad_logits.t(),
-        x2d,
+        x,
         block_rows,
         count,
-        block[::-1],
+        (block_n, block_m),
         1.0,
         out=out,
         allow_tf32=allow_tf32(),
