@@ -75,10 +75,6 @@ class MaskedMatmul:
         (M, N), K = shape, b.shape[0]
         if out is None:
             out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-        if interpreting() and a.dtype == torch.bfloat16 and out.dtype != a.dtype:
-            # No bfloat16 arithmetic there: an accumulating caller's float32 out gets float32
-            # operands, as run_in_interpreter_dtype gives a bfloat16 out.
-            a, b, bias = (None if t is None else t.float() for t in (a, b, bias))
         with run_in_interpreter_dtype(out, a, b, bias) as (out_, a, b, bias):
             use_tma, a_t, b_t = operand_layouts(a, b, tma, mask_block)
             if interpreting() and config in (None, "first"):

@@ -27,12 +27,17 @@ def traceable(kernel):
 @contextlib.contextmanager
 def run_in_interpreter_dtype(out, *inputs):
     """Yield (out, *inputs) to launch with. The interpreter has no bfloat16 arithmetic and
-    truncates float32 -> bfloat16 stores, so there bfloat16 runs in float32 and the result
-    is rounded into `out` by torch on exit. Elsewhere everything passes through untouched."""
-    if not (interpreting() and out.dtype == torch.bfloat16):
+    truncates float32 -> bfloat16 stores, so there bfloat16 inputs run in float32, and a
+    bfloat16 out is computed in float32 and rounded into `out` by torch on exit. Elsewhere
+    everything passes through untouched."""
+    tensors = [t for t in (out, *inputs) if t is not None]
+    if not (interpreting() and any(t.dtype == torch.bfloat16 for t in tensors)):
         yield (out, *inputs)
         return
     wide = [None if t is None else t.float() for t in inputs]
+    if out.dtype != torch.bfloat16:
+        yield (out, *wide)
+        return
     out32 = torch.empty(out.shape, dtype=torch.float32, device=out.device)
     yield (out32, *wide)
     out.copy_(out32)
