@@ -39,24 +39,17 @@ class _SampledSoftmaxCrossEntropy(torch.autograd.Function):
         offsets = _offsets(bias, neurons, valid, x2d.dtype)
         x_blocks = _blockrows(x2d, block[0], tiles.shape[0])
         compact_lse = _compact_logsumexp(x_blocks, weight, offsets, neurons, block[1]).flatten()[:m]
-        labelled = labels != ignore_index
-        label = torch.where(labelled, labels, 0)
-        label_logit = label_logits(x2d, weight, bias, label)
-        label_column = torch.where(labelled, label_columns(tiles, label, block), -1)
-        outside = labelled & (label_column < 0)
-        lse = torch.where(outside, torch.logaddexp(compact_lse, label_logit.float()), compact_lse)
+        label, label_logit, label_column, outside, lse, losses = label_terms(
+            x2d, weight, bias, labels, tiles, block, ignore_index, compact_lse
+        )
         ctx.save_for_backward(x2d, weight, offsets, lse, label, label_logit, label_column, outside, neurons)
         ctx.has_bias, ctx.block = bias is not None, block
-        return torch.where(labelled, lse - label_logit.float(), 0.0)
+        return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         x2d, weight, offsets, lse, label, label_logit, label_column, outside, neurons = ctx.saved_tensors
-        # where, not a product: with every row ignored the mean's gradient is 1 / 0, and must vanish.
-        g = torch.where((label_column >= 0) | outside, grad_losses.float(), 0.0)
-        # Where the label is the extra logit, its gradient is (its softmax share - 1) g; elsewhere the
-        # -g goes on its compact column, so that softmax - 1 cancels before multiplying, as in torch.
-        grad_label = torch.where(outside, g * (torch.exp(label_logit.float() - lse) - 1), 0.0)
+        g, grad_label = row_gradients(grad_losses, lse, label_logit, label_column, outside)
         need = (*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
         grads = _compact_gradients(x2d, weight, offsets, lse, g, label_column, neurons, ctx.block, need)
         return *with_label_gradients(grads, x2d, weight, label, grad_label), None, None, None, None
@@ -103,6 +96,31 @@ def _subtract_at_labels(grad_logits, g, column):
     """grad_logits (r, BM, c) minus g at each row's label column, where that lies in the chunk."""
     inside = (column >= 0) & (column < grad_logits.shape[2])
     grad_logits.scatter_add_(2, column.clamp(0, grad_logits.shape[2] - 1), torch.where(inside, -g, 0.0))
+
+
+def label_terms(x2d, weight, bias, labels, tiles, block, ignore_index, compact_lse):
+    """What both paths derive from each row's label, given the log-sum-exp of its compact logits:
+    (label, 0 where ignored; its logit z; its compact column, -1 where its tile is not among its
+    block-row's or the row is ignored; outside, whether a labelled row's label is such an extra
+    logit; lse, compact_lse with z added where outside; the (M,) float32 losses lse - z, zero for
+    ignored rows)."""
+    labelled = labels != ignore_index
+    label = torch.where(labelled, labels, 0)
+    label_logit = label_logits(x2d, weight, bias, label)
+    label_column = torch.where(labelled, label_columns(tiles, label, block), -1)
+    outside = labelled & (label_column < 0)
+    lse = torch.where(outside, torch.logaddexp(compact_lse, label_logit.float()), compact_lse)
+    return label, label_logit, label_column, outside, lse, torch.where(labelled, lse - label_logit.float(), 0.0)
+
+
+def row_gradients(grad_losses, lse, label_logit, label_column, outside):
+    """(g, grad_label): each row's loss gradient, zero for ignored rows, and the gradient of its
+    extra label logit where it has one."""
+    # where, not a product: with every row ignored the mean's gradient is 1 / 0, and must vanish.
+    g = torch.where((label_column >= 0) | outside, grad_losses.float(), 0.0)
+    # Where the label is the extra logit, its gradient is (its softmax share - 1) g; elsewhere the
+    # -g goes on its compact column, so that softmax - 1 cancels before multiplying, as in torch.
+    return g, torch.where(outside, g * (torch.exp(label_logit.float() - lse) - 1), 0.0)
 
 
 def with_label_gradients(grads, x2d, weight, label, grad_label):

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..kernels import sparse_input_matmul, sparse_output_matmul
 from .dispatch import allow_tf32
-from .sampled_softmax import label_columns, label_logits, tile_neurons, with_label_gradients
+from .sampled_softmax import label_terms, row_gradients, tile_neurons, with_label_gradients
 
 
 def sampled_softmax_losses(x2d, weight, bias, labels, tiles, block, ignore_index):
@@ -44,22 +44,17 @@ class _SampledSoftmaxKernels(torch.autograd.Function):
         columns = tiles.to(torch.int32)
         logits = sampled_logits(x2d, weight, bias, columns, *block)
         compact_lse = torch.logsumexp(logits.float(), dim=1)
-        labelled = labels != ignore_index
-        label = torch.where(labelled, labels, 0)
-        label_logit = label_logits(x2d, weight, bias, label)
-        label_column = torch.where(labelled, label_columns(tiles, label, block), -1)
-        outside = labelled & (label_column < 0)
-        lse = torch.where(outside, torch.logaddexp(compact_lse, label_logit.float()), compact_lse)
+        label, label_logit, label_column, outside, lse, losses = label_terms(
+            x2d, weight, bias, labels, tiles, block, ignore_index, compact_lse
+        )
         ctx.save_for_backward(x2d, weight, logits, columns, compact_lse, lse, label, label_logit, label_column, outside)
         ctx.has_bias, ctx.block = bias is not None, block
-        return torch.where(labelled, lse - label_logit.float(), 0.0)
+        return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         x2d, weight, logits, columns, compact_lse, lse, label, label_logit, label_column, outside = ctx.saved_tensors
-        # where, not a product: with every row ignored the mean's gradient is 1 / 0, and must vanish.
-        g = torch.where((label_column >= 0) | outside, grad_losses.float(), 0.0)
-        grad_label = torch.where(outside, g * (torch.exp(label_logit.float() - lse) - 1), 0.0)
+        g, grad_label = row_gradients(grad_losses, lse, label_logit, label_column, outside)
         grad_logits = _logit_gradients(logits, g * torch.exp(compact_lse - lse), g, label_column)
         need_x, need_w = ctx.needs_input_grad[:2]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
