@@ -1,10 +1,12 @@
 """End-to-end training step of a 4-layer nn.TransformerEncoder (d_model 1024, FFN 4096,
 dropout 0.5, 8192 tokens a step, bf16 autocast, AdamW) under eager, backend="inductor" and
-backend="slicecompile": step time (median over timed steps, CUDA events), the summed GPU
-kernel time of a step (torch.profiler), and the loss over the run, so one sees that the model
-trains. Appends rows to bench/results/encoder.csv.
+backend="slicecompile": step time (median over timed steps, CUDA events; with --rounds, the
+backends take turns, and each round's median is printed), the summed GPU kernel time of a step
+(torch.profiler), and the loss over the run, so one sees that the model trains. Appends rows to
+bench/results/encoder.csv.
 
     python bench/bench_encoder.py --steps 50
+    python bench/bench_encoder.py --steps 20 --rounds 5 --backends inductor slicecompile
 """
 
 import argparse
@@ -37,7 +39,8 @@ class Encoder(nn.Module):
         return self.head(self.encoder(x))
 
 
-def train(backend, args, batches):
+def trainer(backend, args):
+    """A training step of a fresh model under backend: step(x, y) -> loss."""
     torch.manual_seed(0)
     model = Encoder(args.d_model, args.ffn, args.layers, args.p).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -51,15 +54,36 @@ def train(backend, args, batches):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    times, losses = timed_steps(step, batches, args.steps)
+    return step
+
+
+def train(backends, args, batches):
+    """{backend: (median step ms, each round's median, GPU ms, losses)}: every backend compiles and
+    warms up first, then the rounds run the backends in turn, so that a drift of the machine
+    touches all of them alike."""
+    steps = {backend: trainer(backend, args) for backend in backends}
+    times, losses = {b: [] for b in backends}, {}
+    for backend, step in steps.items():
+        losses[backend] = timed_steps(step, batches, args.warmup)[1]
+    for _ in range(args.rounds):
+        for backend, step in steps.items():
+            round_times, round_losses = timed_steps(step, batches, args.steps)
+            times[backend].append(round_times)
+            losses[backend] += round_losses
     x, y = batches[0]
-    return statistics.median(times[args.warmup :]), kernel_ms(lambda: step(x, y), steps=5), losses
+    results = {}
+    for backend, step in steps.items():
+        medians = [statistics.median(t) for t in times[backend]]
+        every = statistics.median([t for round_times in times[backend] for t in round_times])
+        results[backend] = every, medians, kernel_ms(lambda step=step: step(x, y), steps=5), losses[backend]
+    return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
+    parser.add_argument("--warmup", type=int, default=10, help="steps before timing (compilation)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of --steps steps, the backends interleaved")
     parser.add_argument("--p", type=float, default=0.5)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=1024)
@@ -95,9 +119,9 @@ def main():
         writer = csv.DictWriter(f, FIELDS)
         if new:
             writer.writeheader()
-        for backend in args.backends:
-            step_ms, gpu_ms, losses = train(backend, args, batches)
-            print(f"{backend:<14}{step_ms:>9.2f}{gpu_ms:>11.2f}{losses[0]:>12.4f}{losses[-1]:>11.4f}")
+        for backend, (step_ms, medians, gpu_ms, losses) in train(args.backends, args, batches).items():
+            spread = f"  rounds {min(medians):.2f}-{max(medians):.2f}" if len(medians) > 1 else ""
+            print(f"{backend:<14}{step_ms:>9.2f}{gpu_ms:>11.2f}{losses[0]:>12.4f}{losses[-1]:>11.4f}{spread}")
             writer.writerow(
                 dict(
                     gpu=gpu,

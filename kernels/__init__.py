@@ -3,7 +3,6 @@
 Masked-GEMM primitives, each usable in several roles by permuting operands:
 - sparse_input_matmul: block-sparse A @ dense B -> dense C (skips dropped K-tiles);
 - sparse_output_matmul: dense A @ dense B -> only the kept tiles of C (zeros elsewhere);
-- tile_copy: a mask's kept tiles into a compact copy and back;
 - attention_forward, attention_backward: flash attention under a tile dropout mask (skips the
   P·V-side GEMMs of dropped tiles), with attention_tiling and attention_launch their device and
   host helpers.
@@ -16,7 +15,6 @@ from . import attention_backward as _attention_backward
 from . import attention_forward as _attention_forward
 from . import sparse_input_matmul as _dsd
 from . import sparse_output_matmul as _sdd
-from . import tile_copy
 from .attention_backward import attention_backward
 from .attention_forward import attention_forward
 from .runtime import interpreting
@@ -46,5 +44,4 @@ __all__ = [
     "interpreting",
     "sparse_input_matmul",
     "sparse_output_matmul",
-    "tile_copy",
 ]

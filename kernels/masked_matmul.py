@@ -67,11 +67,27 @@ class MaskedMatmul:
         return fit_to_mask(configs, named_args, **{t: kwargs[m] for t, m in zip(self.tile_names, self.mask_names)})
 
     def __call__(
-        self, a, b, mask, mask_strides, mask_block, scale, bias, out, allow_tf32, config, tma, shape, sizes, modes
+        self,
+        a,
+        b,
+        mask,
+        mask_strides,
+        mask_block,
+        scale,
+        bias,
+        out,
+        allow_tf32,
+        config,
+        tma,
+        shape,
+        sizes,
+        modes,
+        splits=1,
     ):
         """scale * a @ b (+ bias) under the mask (its tensors and their strides) into out (a new
         tensor of C's shape (rows, cols) and a's dtype if None); sizes: the kernel's own operand
-        sizes, modes: its mode flags. Returns out."""
+        sizes, modes: its mode flags; splits: programs per output tile (a kernel that splits its
+        reduction). Returns out."""
         (M, N), K = shape, b.shape[0]
         if out is None:
             out = torch.empty((M, N), device=a.device, dtype=a.dtype)
@@ -80,7 +96,7 @@ class MaskedMatmul:
             if interpreting() and config in (None, "first"):
                 config = self.interpreter_tiles(mask_block)
             launch, grid, meta = launch_config(
-                self.kernel, self.tuned[use_tma], config, self.tile_names, mask_block, M, N, use_tma, a
+                self.kernel, self.tuned[use_tma], config, self.tile_names, mask_block, M, N, use_tma, a, splits
             )
             launch[grid](
                 a,

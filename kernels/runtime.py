@@ -83,12 +83,13 @@ def fit_to_mask(configs, named_args, **limits):
     return [triton.Config(kwargs, num_warps=warps, num_stages=stages) for kwargs, warps, stages in fitted.values()]
 
 
-def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persistent, a):
+def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persistent, a, splits=1):
     """(launchable, grid, meta-parameters) for kernel on operand a: with an explicit config, or
     config="first" or SLICECOMPILE_AUTOTUNE=0 (the first candidate, fitted), the plain kernel, whose tiles
     must divide the mask's block; otherwise the autotuned one. A kernel that can be persistent
     (persistent=True) gets at most one program per multiprocessor unless its config sets
-    PERSISTENT=False; other kernels get one program per output tile."""
+    PERSISTENT=False; other kernels get one program per output tile and split of the reduction
+    (splits)."""
     if isinstance(config, str) and config != "first":
         raise ValueError(f'config must be a dict of kernel tiles, "first" or None, got {config!r}')
     if config == "first" or (config is None and os.environ.get("SLICECOMPILE_AUTOTUNE", "1") == "0"):
@@ -99,10 +100,10 @@ def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persisten
         config["PERSISTENT"] = config.get("PERSISTENT", True) and persistent
         if any(side % config[name] for name, side in zip(tile_names, mask_block)):
             raise ValueError(f"kernel tiles {config} must divide the mask's block {mask_block}")
-    programs = _multiprocessors() if persistent and not interpreting() else None
+    programs = multiprocessors() if persistent and not interpreting() else None
 
     def grid(meta):
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]) * splits
         if programs is None or not meta.get("PERSISTENT", True):
             return (tiles,)
         return (torch.sym_min(tiles, programs),)
@@ -112,7 +113,7 @@ def launch_config(kernel, tuned, config, tile_names, mask_block, M, N, persisten
     return traceable(tuned), grid, {}
 
 
-def _multiprocessors():
+def multiprocessors():
     return _device_properties(torch.cuda.current_device()).multi_processor_count
 
 

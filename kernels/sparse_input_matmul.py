@@ -10,8 +10,9 @@ only the listed tiles, step j's at A's K-tile j; listed A rows (a_row_blocks) gi
 own A row-block a_row_blocks[i, j], so C's block-row i gathers a sum over row-blocks of A (and C
 is as tall as out, not as A).
 
-Roles: the input-side dropout forward (A = X, B = Wᵀ) and its weight gradient
-(A = Xᵀ with the mask's column lists, B = dY, C = dWᵀ); the output-side dropout's input
+Roles: the input-side dropout forward (A = X, B = Wᵀ, writing X's kept tiles compactly:
+compact_out) and its weight gradient (A = that compact copy transposed, with the mask's column
+lists and, as A's row-blocks, each listed tile's slot; B = dY, C = dWᵀ); the output-side dropout's input
 gradient (A = dY, B = W, C = dX) and weight gradient (A = dYᵀ with the mask's column lists,
 B = X, C = dW); the sampled softmax's input gradient (A = dZ compact, B = W, each block-row's
 tiles) and weight gradient (A = dZᵀ, B = X, C = dW: each tile lists the block-rows that chose it
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .masked_matmul import MaskedMatmul, check_operands
+from .runtime import interpreting, multiprocessors
 from .tiling import bias_row, grouped_tile, operand, operand_tile, store_tile
 
 
@@ -39,6 +41,7 @@ def sparse_input_matmul_kernel(
     kept_ptr,
     count_ptr,
     a_rows_ptr,
+    compact_ptr,
     M,
     N,
     K,
@@ -47,6 +50,7 @@ def sparse_input_matmul_kernel(
     K_KEY,
     A_M,
     A_K,
+    COMPACT_K,
     stride_am,
     stride_ak,
     stride_bk,
@@ -58,6 +62,9 @@ def sparse_input_matmul_kernel(
     stride_count,
     stride_a_rows_m,
     stride_a_rows_k,
+    stride_compact_m,
+    stride_compact_k,
+    stride_c_split,
     scale,
     A_T: tl.constexpr,
     B_T: tl.constexpr,
@@ -70,6 +77,8 @@ def sparse_input_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     COMPACT_A: tl.constexpr,
     LISTED_A_ROWS: tl.constexpr,
+    WRITE_COMPACT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     PERSISTENT: tl.constexpr,
@@ -78,6 +87,10 @@ def sparse_input_matmul_kernel(
     kept: (cdiv(M, MASK_BM), width) int32 K-tile indices, count: per block-row int32,
     a_rows: like kept, A's row-block of each step if LISTED_A_ROWS (else unread). A is (M, K)
     unless COMPACT_A (A_K = width * MASK_BK, step j at A's K-tile j) or LISTED_A_ROWS.
+    WRITE_COMPACT: compact (M, COMPACT_K) receives each block-row's listed tiles of A as
+    the programs of C's first column-tile read them (step j into compact's K-tile j), and zeros
+    past them. SPLIT_K > 1 splits each block-row's steps into SPLIT_K even runs, run s writing
+    its partial product at c + s * stride_c_split (no bias).
     BLOCK_M divides MASK_BM and BLOCK_K divides MASK_BK, so the tiles the kernel uses
     never change which elements are dropped. With TMA, a has unit stride along K (along M if
     A_T) and b along N (along K if B_T). Programs stride over the output tiles (one each unless
@@ -88,14 +101,22 @@ def sparse_input_matmul_kernel(
     b_src = operand(b_ptr, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_T, TMA)
     SUB_K: tl.constexpr = MASK_BK // BLOCK_K
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=TMA):
+    for work in tl.range(tl.program_id(0), num_tiles * SPLIT_K, tl.num_programs(0), flatten=TMA):
+        tile_id = work % num_tiles
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         block_row = (pid_m * BLOCK_M) // MASK_BM
         kept_row = kept_ptr + block_row * stride_kept_m
         a_rows_row = a_rows_ptr + block_row * stride_a_rows_m
         steps = tl.load(count_ptr + block_row * stride_count) * SUB_K
+        first, last = 0, steps
+        c_split = c_ptr
+        if SPLIT_K > 1:
+            split = work // num_tiles
+            first = split * tl.cdiv(steps, SPLIT_K)
+            last = tl.minimum(steps, first + tl.cdiv(steps, SPLIT_K))
+            c_split = c_ptr + split.to(tl.int64) * stride_c_split
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in range(0, steps):
+        for step in range(first, last):
             slot = step // SUB_K
             sub_k = (step % SUB_K) * BLOCK_K
             k = tl.load(kept_row + slot * stride_kept_k) * MASK_BK + sub_k
@@ -106,14 +127,28 @@ def sparse_input_matmul_kernel(
             if LISTED_A_ROWS:
                 a_m = tl.load(a_rows_row + slot * stride_a_rows_k) * MASK_BM + (pid_m * BLOCK_M) % MASK_BM
             a = operand_tile(a_src, a_m, a_k, A_M, A_K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_T, TMA)
+            if WRITE_COMPACT:
+                if pid_n == 0:
+                    offs_a = a_m + tl.arange(0, BLOCK_M)
+                    offs_compact = slot * MASK_BK + sub_k + tl.arange(0, BLOCK_K)
+                    store_tile(compact_ptr, a, offs_a, offs_compact, M, COMPACT_K, stride_compact_m, stride_compact_k)
             b = operand_tile(b_src, k, pid_n * BLOCK_N, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_T, TMA)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if WRITE_COMPACT:
+            if pid_n == 0:  # zeros in the slots past the count, as masks.gather_tiles leaves there
+                zeros = tl.zeros((BLOCK_M, BLOCK_K), dtype=compact_ptr.dtype.element_ty)
+                for step in range(steps, tl.cdiv(COMPACT_K, BLOCK_K)):
+                    offs_a = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                    offs_compact = step * BLOCK_K + tl.arange(0, BLOCK_K)
+                    store_tile(
+                        compact_ptr, zeros, offs_a, offs_compact, M, COMPACT_K, stride_compact_m, stride_compact_k
+                    )
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = acc * scale
         if HAS_BIAS:
             acc += bias_row(bias_ptr, offs_n, N, True)
-        store_tile(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, stride_cn)
+        store_tile(c_split, acc, offs_m, offs_n, M, N, stride_cm, stride_cn)
 
 
 def _configs(tma):
@@ -150,7 +185,7 @@ MATMUL = MaskedMatmul(
     ("BLOCK_M", "BLOCK_K"),
     ("MASK_BM", "MASK_BK"),
     _interpreter_tiles,
-    mode_names=("COMPACT_A", "LISTED_A_ROWS"),
+    mode_names=("COMPACT_A", "LISTED_A_ROWS", "WRITE_COMPACT", "SPLIT_K"),
 )
 
 
@@ -168,6 +203,8 @@ def sparse_input_matmul(
     tma=None,
     compact_a=False,
     a_row_blocks=None,
+    compact_out=None,
+    split_k=None,
 ):
     """scale * (a ⊙ mask) @ b (+ bias) -> (M, N), for 2-D a (M, K) and b (K, N) of any strides.
 
@@ -182,6 +219,13 @@ def sparse_input_matmul(
     or "first": the first autotuning candidate fitted to the mask, untuned.
     tma: read operands through the tensor memory accelerator; None picks it where it works.
     out: optional (M, N) tensor (any strides) to write into.
+    compact_out: a (M, width * mask_block[1]) tensor of a's dtype that receives a's kept tiles
+    compactly as the kernel reads them (block-row i's j-th kept tile at K-tile j, zeros past its
+    count: what masks.gather_tiles makes), at no extra read of a. Not with compact_a or
+    a_row_blocks.
+    split_k: programs per output tile, each summing an even share of its block-row's kept tiles
+    into a float32 partial product; the partials are then summed. None chooses (split_reduction)
+    where the output tiles would leave multiprocessors idle, without bias or compact_out.
     """
     if not isinstance(compact_a, bool):
         raise TypeError(f"compact_a must be a bool, got {compact_a!r}")
@@ -197,18 +241,63 @@ def sparse_input_matmul(
         raise ValueError(f"kept must have shape ({n_block_rows}, width), got {tuple(kept.shape)}")
     if count.numel() not in (1, n_block_rows):
         raise ValueError(f"count must have 1 or {n_block_rows} entries, got {count.numel()}")
+    _check_compact_out(compact_out, a, kept, mask_block, compact_a or a_row_blocks is not None)
     a_rows = kept if a_row_blocks is None else a_row_blocks  # unread without LISTED_A_ROWS
+    compact = kept if compact_out is None else compact_out  # unwritten without WRITE_COMPACT
     mask_strides = (
         kept.stride(0),
         kept.stride(1),
         0 if count.numel() == 1 else count.stride(0),
         a_rows.stride(0),
         a_rows.stride(1),
+        compact.stride(0),
+        compact.stride(1),
     )
-    shape, sizes = (M, b.shape[1]), a.shape
-    modes = dict(COMPACT_A=compact_a, LISTED_A_ROWS=a_row_blocks is not None)
-    mask = (kept, count, a_rows)
-    return MATMUL(a, b, mask, mask_strides, mask_block, scale, bias, out, allow_tf32, config, tma, shape, sizes, modes)
+    shape, sizes = (M, b.shape[1]), (*a.shape, compact.shape[1])
+    splits = _splits(split_k, shape, kept.shape[1], a, bias, compact_out)
+    modes = dict(COMPACT_A=compact_a, LISTED_A_ROWS=a_row_blocks is not None, WRITE_COMPACT=compact_out is not None)
+    mask = (kept, count, a_rows, compact)
+
+    def launch(c, split_stride):
+        strides, split_modes = (*mask_strides, split_stride), {**modes, "SPLIT_K": splits}
+        return MATMUL(
+            a, b, mask, strides, mask_block, scale, bias, c, allow_tf32, config, tma, shape, sizes, split_modes, splits
+        )
+
+    if splits == 1:
+        return launch(out, 0)
+    partial = torch.empty((splits, *shape), device=a.device, dtype=torch.float32)
+    launch(partial[0], partial.stride(0))
+    total = partial.sum(dim=0)
+    return total.to(a.dtype) if out is None else out.copy_(total)
+
+
+# What a split's float32 partial product costs to write and sum, as a share of the time of one
+# wave of output tiles (split_reduction).
+SPLIT_COST = 0.05
+MAX_SPLITS = 8
+
+
+def split_reduction(tiles, multiprocessors, steps):
+    """How many programs to give each of `tiles` output tiles whose reductions run up to `steps`
+    kept tiles: the count that minimises the waves of programs, each doing 1/s of a tile's work,
+    plus SPLIT_COST per extra split; at most MAX_SPLITS and steps // 2 (two tiles per split)."""
+    candidates = range(1, max(1, min(MAX_SPLITS, steps // 2)) + 1)
+    return min(candidates, key=lambda s: -(-tiles * s // multiprocessors) / s + SPLIT_COST * (s - 1))
+
+
+def _splits(split_k, shape, steps, a, bias, compact_out):
+    if split_k is not None:
+        if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+            raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
+        if split_k > 1 and (bias is not None or compact_out is not None):
+            raise ValueError("split_k > 1 cannot be used with bias or compact_out")
+        return split_k
+    sizes_known = all(isinstance(n, int) for n in shape)
+    if bias is not None or compact_out is not None or interpreting() or not a.is_cuda or not sizes_known:
+        return 1
+    tiles = triton.cdiv(shape[0], 128) * triton.cdiv(shape[1], 128)  # the candidates' usual tile
+    return split_reduction(tiles, multiprocessors(), steps)
 
 
 def _check_a_row_blocks(a_row_blocks, kept, out):
@@ -223,3 +312,20 @@ def _check_a_row_blocks(a_row_blocks, kept, out):
     if out is None:
         raise ValueError("a_row_blocks needs out: the result's rows are not a's")
     return out.shape[0]
+
+
+def _check_compact_out(compact_out, a, kept, mask_block, a_is_listed):
+    if compact_out is None:
+        return
+    if a_is_listed:
+        raise ValueError("compact_out copies a's kept tiles: it cannot be used with compact_a or a_row_blocks")
+    if not isinstance(compact_out, torch.Tensor) or compact_out.dtype != a.dtype or compact_out.device != a.device:
+        got = f"{compact_out.dtype} on {compact_out.device}" if isinstance(compact_out, torch.Tensor) else compact_out
+        raise TypeError(f"compact_out must be a tensor of a's dtype {a.dtype} on {a.device}, got {got}")
+    shape = (a.shape[0], kept.shape[1] * mask_block[1])
+    if compact_out.dim() != 2 or compact_out.shape[0] != shape[0] or not 0 < compact_out.shape[1] <= shape[1]:
+        raise ValueError(
+            f"compact_out must have shape ({shape[0]}, slots * {mask_block[1]}), got {tuple(compact_out.shape)}"
+        )
+    if compact_out.shape[1] % mask_block[1]:
+        raise ValueError(f"compact_out's columns must be whole tiles of {mask_block[1]}, got {compact_out.shape[1]}")

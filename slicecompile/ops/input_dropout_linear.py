@@ -7,7 +7,9 @@ AOTAutograd sees the backward, and Inductor launches the kernels from its compil
 rather than through a Python op call. The mask is drawn outside the ops by plain torch code,
 so the ops themselves are deterministic and a recomputation can reuse a saved mask.
 Backward saves weight, the tiny tile index and a compact copy of x's kept tiles (about
-(1 - p) of x, made by the forward op), never x itself or an element-wise mask.
+(1 - p) of x, written by the forward GEMM as it reads them), never x itself or an element-wise
+mask; the weight gradient reads that copy directly. A site launches five kernels a step beyond
+what Inductor makes of the mask's torch code: the three GEMMs, and the bias gradient's reduction.
 
 CUDA tensors run the Triton kernels; CPU tensors run the dense reference (the same
 definition, element by element), or the kernels through Triton's interpreter when
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import sparse_input_matmul, sparse_output_matmul, tile_copy
+from ..kernels import sparse_input_matmul, sparse_output_matmul
 from . import dispatch, masks, reference
 from .checks import check_block, check_linear_operands, check_mask_fits, check_p
 from .dispatch import allow_tf32
@@ -26,6 +28,7 @@ from .masks import (
     DEFAULT_BLOCK,
     BlockMask,
     column_index,
+    column_slots,
     draw_block_mask,
     dropout_scale,
     expand_tiles,
@@ -41,14 +44,16 @@ def block_dropout_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, kept: Tensor, count: Tensor, block_m: int, block_k: int, p: float
 ) -> tuple[Tensor, Tensor]:
     """(x ⊙ mask) @ weightᵀ / (1 - p) + bias for 2-D x (M, K); the mask is (kept, count).
-    Also returns x's kept tiles gathered compactly (masks.gather_tiles), for backward."""
+    Also returns x's kept tiles side by side (masks.gather_tiles), for backward."""
     mask = mask_of(kept, count, x.shape, block_m, block_k, p)
     slots = max_count(kept.shape[1], p)
     if not dispatch.use_kernels(x):
         compact = masks.gather_tiles(x, kept, mask.block, slots)
         return reference.forward(x, weight, bias, mask.elements(), mask.scale), compact
-    compact = tile_copy.gather_tiles(x, kept, mask.block, slots)
-    y = sparse_input_matmul(x, weight.t(), kept, count, mask.block, mask.scale, bias=bias, allow_tf32=allow_tf32())
+    compact = x.new_empty(x.shape[0], slots * block_k)
+    y = sparse_input_matmul(
+        x, weight.t(), kept, count, mask.block, mask.scale, bias=bias, allow_tf32=allow_tf32(), compact_out=compact
+    )
     return y, compact
 
 
@@ -67,23 +72,28 @@ def block_dropout_linear_grad_input(
 @torch.library.triton_op("slicecompile::block_dropout_linear_grad_weight", mutates_args=())
 def block_dropout_linear_grad_weight(
     grad_out: Tensor,
-    x: Tensor,
-    tiles: Tensor,
+    compact: Tensor,
+    kept: Tensor,
     col_rows: Tensor,
+    col_slots: Tensor,
     col_count: Tensor,
+    in_features: int,
     block_m: int,
     block_k: int,
     p: float,
 ) -> Tensor:
-    """grad_outᵀ @ (x ⊙ mask) / (1 - p), shape (N, K); the mask is the tile table and its
-    column index (masks.column_index)."""
-    if not dispatch.use_kernels(x):
-        elements = expand_tiles(tiles, (block_m, block_k), x.shape)
-        return reference.grad_weight(grad_out, x, elements, dropout_scale(p))
-    # dWᵀ = (x ⊙ mask)ᵀ @ dY: the same block-sparse-input GEMM over the mask's columns.
-    grad_weight = torch.empty(grad_out.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
+    """grad_outᵀ @ (x ⊙ mask) / (1 - p), shape (N, K = in_features), from x's compact copy (the
+    forward's) and the mask's column index (masks.column_index) with the slots where each
+    listed block-row holds the K-tile (masks.column_slots)."""
+    if not dispatch.use_kernels(compact):
+        # x's kept tiles in place, zeros elsewhere: x ⊙ mask itself
+        masked = masks.scatter_tiles(compact, kept, (block_m, block_k), (compact.shape[0], in_features))
+        return reference.grad_weight(grad_out, masked, masked.new_ones(()), dropout_scale(p))
+    # dWᵀ = (x ⊙ mask)ᵀ @ dY: the block-sparse-input GEMM over the mask's columns, reading each
+    # listed tile of xᵀ from its block-row's slot in the compact copy.
+    grad_weight = torch.empty(grad_out.shape[1], in_features, device=compact.device, dtype=compact.dtype)
     sparse_input_matmul(
-        x.t(),
+        compact.t(),
         grad_out,
         col_rows,
         col_count,
@@ -91,6 +101,7 @@ def block_dropout_linear_grad_weight(
         dropout_scale(p),
         out=grad_weight.t(),
         allow_tf32=allow_tf32(),
+        a_row_blocks=col_slots,
     )
     return grad_weight
 
@@ -109,23 +120,18 @@ def _backward(ctx, grad_out, _grad_compact):
     compact, weight, kept, count = ctx.saved_tensors
     grad_x = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        tiles = mask_of(kept, count, ctx.x_shape, *ctx.mask_args).tiles()
+        slots = mask_of(kept, count, ctx.x_shape, *ctx.mask_args).slots()
+        tiles = slots >= 0
     if ctx.needs_input_grad[0]:
         grad_x = block_dropout_linear_grad_input(grad_out, weight, tiles.to(torch.uint8), *ctx.mask_args)
     if ctx.needs_input_grad[1]:
-        x = _kept_tiles_in_place(compact, kept, ctx.mask_args[:2], ctx.x_shape)
-        grad_weight = block_dropout_linear_grad_weight(grad_out, x, tiles, *column_index(tiles), *ctx.mask_args)
+        rows, count = column_index(tiles)
+        grad_weight = block_dropout_linear_grad_weight(
+            grad_out, compact, kept, rows, column_slots(slots, rows), count, ctx.x_shape[1], *ctx.mask_args
+        )
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = reference.grad_bias(grad_out)
     return grad_x, grad_weight, grad_bias, None, None, None, None, None
-
-
-def _kept_tiles_in_place(compact, kept, block, shape):
-    """x's kept tiles back in an (M, K) matrix; the kernels never read its dropped tiles, so on a
-    GPU they are left unset."""
-    if not dispatch.use_kernels(compact):
-        return masks.scatter_tiles(compact, kept, block, shape)
-    return tile_copy.scatter_tiles(compact, kept, block, compact.new_empty(shape))
 
 
 block_dropout_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -51,6 +51,15 @@ class BlockMask:
         table.scatter_(1, self.kept.long(), True)  # the sentinel lands in the extra column
         return table[:, :cols]
 
+    def slots(self):
+        """(block_rows, tiles_per_row) int32: where in its block-row's list (and so in a compact
+        copy, gather_tiles) each kept tile is; -1 where the tile is dropped."""
+        rows, cols = self.grid
+        table = torch.full((rows, cols + 1), -1, dtype=torch.int32, device=self.kept.device)
+        order = torch.arange(self.kept.shape[1], dtype=torch.int32, device=self.kept.device).expand(rows, -1)
+        table.scatter_(1, self.kept.long(), order)  # the sentinels land in the extra column
+        return table[:, :cols]
+
     def columns(self):
         """column_index(self.tiles())."""
         return column_index(self.tiles())
@@ -77,6 +86,13 @@ def column_index(tiles):
     (tiles_per_row,) int32 counts."""
     rows = torch.sort(tiles.t().to(torch.uint8), dim=1, descending=True, stable=True).indices.to(torch.int32)
     return rows, tiles.sum(dim=0, dtype=torch.int32)
+
+
+def column_slots(slots, rows):
+    """Where each K-tile's block-rows (column_index's rows) hold it in their compact copies:
+    (tiles_per_row, block_rows) int32 entries of the slots table (BlockMask.slots), valid up to
+    each K-tile's count."""
+    return slots.t().gather(1, rows.long())
 
 
 def expand_tiles(tiles, block, shape):
@@ -127,7 +143,8 @@ def _tile_index(kept, block, slots):
 def gather_tiles(x2d, kept, block, slots):
     """The first `slots` kept tiles of each block-row of x2d (M, K), side by side: a compact
     (M, slots * BK) copy, zeros in sentinel slots and past x's edges. Torch ops, for CPUs and
-    references: kernels.tile_copy.gather_tiles does the same on a GPU."""
+    references: on a GPU the forward GEMM writes the same copy as it reads x
+    (sparse_input_matmul's compact_out)."""
     (rows, per_row), (bm, bk) = kept.shape, block
     m, k = x2d.shape
     # Zeros to whole tiles, plus one zero tile per row of tiles where the sentinel points.

@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from slicecompile import draw_block_mask
-from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul, tile_copy
+from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul
 from slicecompile.kernels.runtime import fit_to_mask, size_key
+from slicecompile.kernels.sparse_input_matmul import MAX_SPLITS, split_reduction
 from slicecompile.ops import masks
 
 from conftest import DEVICE
@@ -94,18 +95,41 @@ def test_sparse_output_matmul(M, K, N, p, block, dtype, a_t, b_t, tma, seed):
     assert (out[~mask.elements()] == 0).all(), "dropped tiles are written as zeros"
 
 
+@pytest.mark.parametrize("split_k", [None, 2, 3])
 @pytest.mark.parametrize("tma, block, M, K", [(False, (32, 16), 152, 88), (True, (128, 128), 1000, 264)])
-def test_per_row_counts_and_transposed_output(tma, block, M, K):
-    """The weight-gradient role: rows keep different numbers of tiles, output written transposed."""
+def test_per_row_counts_and_transposed_output(tma, block, M, K, split_k):
+    """The weight-gradient role: rows keep different numbers of tiles (some fewer than the
+    splits), output written transposed; split or not, the same sums."""
     torch.manual_seed(1)
     x, dy = torch.randn(M, K, device=DEVICE).half(), torch.randn(M, 72, device=DEVICE).half()
     mask = draw_block_mask(M, K, 0.5, block, device=DEVICE)
     rows, counts = mask.columns()
     assert counts.unique().numel() > 1, "the test needs unequal counts"
     out = torch.empty(72, K, device=DEVICE).half()
-    sparse_input_matmul(x.t(), dy, rows, counts, block[::-1], mask.scale, out=out.t(), tma=tma)
+    sparse_input_matmul(x.t(), dy, rows, counts, block[::-1], mask.scale, out=out.t(), tma=tma, split_k=split_k)
     expected = dy.double().t() @ (x.double() * mask.elements()) * mask.scale
     assert_close(out, expected, dy.t() @ (x * mask.elements().half()) * mask.scale, "transposed role")
+
+
+def test_split_reduction_fills_the_multiprocessors():
+    """Splits where output tiles leave multiprocessors idle, none where they fill whole waves."""
+    assert split_reduction(36, 132, 32) == 3  # a 768 x 768 weight gradient: 108 programs, one wave
+    assert split_reduction(144, 132, 32) == 4  # 1.09 waves unsplit: 576 programs in 5 waves
+    assert split_reduction(256, 132, 32) == 1  # 1.94 waves: nothing to gain
+    assert split_reduction(1024, 132, 32) == 1
+    assert split_reduction(36, 132, 3) == 1  # three kept tiles: too few to split
+    assert 1 < split_reduction(1, 132, 64) <= MAX_SPLITS
+
+
+def test_split_k_rejects_bad_arguments():
+    x = torch.randn(32, 32, device=DEVICE)
+    kept = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    count = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="split_k must be a positive int or None"):
+            sparse_input_matmul(x, x, kept, count, (16, 16), 1.0, split_k=bad)
+    with pytest.raises(ValueError, match="cannot be used with bias"):
+        sparse_input_matmul(x, x, kept, count, (16, 16), 1.0, bias=x[0], split_k=2)
 
 
 def _launch_input(a, b, mask, **kw):
@@ -194,31 +218,33 @@ print("benchmarked" if hasattr(tuner, "bench_time") else "from disk")
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, cols, block", [(64, 64, (32, 16)), (50, 70, (16, 32)), (16, 16, (16, 16))])
-def test_tile_copy_matches_torch(rows, cols, block, dtype):
-    """The kernels' compact copy equals the torch ops' (zeros in unused slots and past the edges),
-    and scattering it back writes the kept tiles only."""
+def test_forward_writes_the_compact_copy(rows, cols, block, dtype):
+    """compact_out receives what masks.gather_tiles makes (zeros past x's edges and in the slots
+    past the count), and the product is unchanged by writing it."""
     torch.manual_seed(0)
-    x = torch.randn(rows, cols, device=DEVICE).to(dtype)
+    x, b = torch.randn(rows, cols, device=DEVICE).to(dtype), torch.randn(cols, 40, device=DEVICE).to(dtype)
     for p in (0.3, 0.6):
         mask = masks.draw_block_mask(rows, cols, p, block, device=DEVICE)
         slots = masks.max_count(mask.grid[1], p)
-        compact = tile_copy.gather_tiles(x, mask.kept, block, slots)
+        compact = torch.full((rows, slots * block[1]), float("nan"), device=DEVICE, dtype=dtype)
+        out = sparse_input_matmul(x, b, mask.kept, mask.count, block, 2.0, compact_out=compact)
+        assert torch.equal(out, sparse_input_matmul(x, b, mask.kept, mask.count, block, 2.0))
         assert torch.equal(compact, masks.gather_tiles(x, mask.kept, block, slots))
-        out = torch.full_like(x, 7.0)
-        tile_copy.scatter_tiles(compact, mask.kept, block, out)
-        elements = mask.elements()
-        assert torch.equal(out[elements], x[elements]) and (out[~elements] == 7.0).all()
 
 
-def test_tile_copy_bad_inputs():
+def test_compact_out_rejects_bad_arguments():
     x = torch.randn(32, 32, device=DEVICE)
     kept = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(TypeError, match="int32"):
-        tile_copy.gather_tiles(x, kept.long(), (16, 16), 1)
-    with pytest.raises(ValueError, match="block-rows"):
-        tile_copy.gather_tiles(x, kept[:1], (16, 16), 1)
-    with pytest.raises(ValueError, match="compact"):
-        tile_copy.gather_tiles(x, kept, (16, 16), 3)
+    count = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    call = lambda compact, **kw: sparse_input_matmul(x, x, kept, count, (16, 16), 1.0, compact_out=compact, **kw)
+    with pytest.raises(TypeError, match="compact_out must be a tensor of a's dtype"):
+        call(torch.empty(32, 16, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"compact_out must have shape \(32, slots \* 16\)"):
+        call(torch.empty(32, 48, device=DEVICE))
+    with pytest.raises(ValueError, match="whole tiles of 16"):
+        call(torch.empty(32, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="cannot be used with compact_a"):
+        call(torch.empty(32, 16, device=DEVICE), compact_a=True)
 
 
 @pytest.mark.gpu

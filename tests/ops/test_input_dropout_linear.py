@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import slicecompile.ops.dispatch as dispatch
 from slicecompile import draw_block_mask, dropout_linear, dropout_linear_reference, dropout_linear_with_mask
+from slicecompile.ops import masks
 
 from conftest import DEVICE
 from tolerance import assert_close
@@ -167,7 +168,9 @@ def test_opcheck():
     dy = torch.randn(40, 24, device=DEVICE)
     tiles, meta = mask.tiles(), (16, 16, 0.5)
     torch.library.opcheck(ops.block_dropout_linear_grad_input.default, (dy, w.detach(), tiles, *meta))
-    grad_weight_args = (dy, x.detach(), tiles, *mask.columns(), *meta)
+    compact = masks.gather_tiles(x.detach(), mask.kept, mask.block, masks.max_count(mask.grid[1], 0.5))
+    rows, count = mask.columns()
+    grad_weight_args = (dy, compact, mask.kept, rows, masks.column_slots(mask.slots(), rows), count, 48, *meta)
     torch.library.opcheck(ops.block_dropout_linear_grad_weight.default, grad_weight_args)
 
 
