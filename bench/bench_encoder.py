@@ -44,7 +44,9 @@ def trainer(backend, args):
     torch.manual_seed(0)
     model = Encoder(args.d_model, args.ffn, args.layers, args.p).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step_fn = model if backend == "eager" else torch.compile(model, backend=backend, mode=args.mode)
+    name, _, rewrite = backend.partition(":")  # "slicecompile:always": options={"rewrite": "always"}
+    settings = {"options": {"rewrite": rewrite}} if rewrite else {"mode": args.mode}
+    step_fn = model if backend == "eager" else torch.compile(model, backend=name, **settings)
 
     def step(x, y):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -90,7 +92,12 @@ def main():
     parser.add_argument("--ffn", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--backends", nargs="+", default=["eager", "inductor", "slicecompile"])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["eager", "inductor", "slicecompile"],
+        help='"slicecompile:always" passes options={"rewrite": "always"}',
+    )
     parser.add_argument("--mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)')
     args = parser.parse_args()
 
