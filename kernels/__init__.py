@@ -22,6 +22,19 @@ from .sparse_input_matmul import sparse_input_matmul
 from .sparse_output_matmul import sparse_output_matmul
 
 
+def kernel_names():
+    """The names the GPU gives the kernels launched from here (a profiler's event names)."""
+    kernels = (
+        _dsd.sparse_input_matmul_kernel,
+        _sdd.sparse_output_matmul_kernel,
+        _attention_forward.attention_forward_kernel,
+        _attention_backward.attention_delta_kernel,
+        _attention_backward.attention_grad_kv_kernel,
+        _attention_backward.attention_grad_q_kernel,
+    )
+    return tuple(kernel.fn.__name__ for kernel in kernels)
+
+
 def autotuners():
     """The autotuned kernels by name (none under the interpreter); each one's .cache maps a
     tuning key to the config it chose."""
@@ -41,6 +54,7 @@ __all__ = [
     "attention_backward",
     "attention_forward",
     "autotuners",
+    "kernel_names",
     "interpreting",
     "sparse_input_matmul",
     "sparse_output_matmul",

@@ -8,13 +8,17 @@ element-wise dropout's mask into the kernels around it, so what the dropout itse
 on the whole graph; leaving it out makes the comparison one-sided in Inductor's favour, and a
 site is rewritten only where it wins even so (by MARGIN, more than the timings' noise). Each
 side costs its kernels' GPU time (the profiler's), or where longer, the host's time to launch
-them in a compiled graph: a launch-bound op pays for its launches.
+them in a compiled graph: a launch-bound op pays for its launches. The op is timed eagerly (a
+compile cannot run inside the backend's own), so its launches are counted as a compiled graph
+would make them: our Triton kernels one each, and the many small kernels of the torch code
+around them (drawing the mask, its tile index) as the few that Inductor fuses them into.
 
 Measured, not modelled: the op's speed depends on the GPU, the Triton version and the autotuner's
 choice at the exact shape (a 768-wide weight gradient is 36 output tiles for 132 multiprocessors),
 which a cost model would have to be re-calibrated for on every GPU. The timing costs one to
 two seconds per new site shape, at its first compile, and is cached on disk per GPU, torch and Triton
-version (SLICECOMPILE_CACHE_DIR, by default ~/.cache/slicecompile), so later processes read it.
+version and copy of slicecompile's sources (SLICECOMPILE_CACHE_DIR, by default
+~/.cache/slicecompile), so later processes read it.
 
 On a CPU the rewrite stays as "always": there it exists to run the semantics, through Triton's
 interpreter. "always" rewrites every site the pass can take.
@@ -30,7 +34,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from ..kernels import kernel_names
 from ..ops import dropout_attention, dropout_conv2d, dropout_linear, linear_dropout, slice_dropout_linear
+from .cache_key import sources_key
 from .patterns import hint, meta_value
 
 log = logging.getLogger("slicecompile")
@@ -41,6 +47,9 @@ MARGIN = 0.95  # ours must take at most this share of Inductor's time
 # Host time per kernel launch in a compiled step, from a torch.profiler table of the compiled op
 # on an H200 (bench/README.md): 51-61 us for ours, 14-24 us for Inductor's own kernels.
 OUR_LAUNCH_MS, INDUCTOR_LAUNCH_MS = 0.056, 0.019
+# The most kernels Inductor makes of the torch code around our kernels in one site's forward and
+# backward: 6 for dropout_linear's mask, its tile table and column index (bench/README.md).
+FUSED_LAUNCHES = 6
 SLOWER = "measured no faster than Inductor"
 UNTIMED = "could not be timed"
 
@@ -135,10 +144,10 @@ def time_workload(work, device="cuda"):
     """(ours, dense): what a forward+backward of each costs a compiled training step, in ms."""
     with torch._subclasses.fake_tensor.unset_fake_temporarily(), torch.enable_grad():
         ours, dense = _calls(work, torch.device(device))
-        return _cost(ours, OUR_LAUNCH_MS), _cost(dense, INDUCTOR_LAUNCH_MS)
+        return _cost(ours, ours=True), _cost(dense, ours=False)
 
 
-def _cost(fn, launch_ms):
+def _cost(fn, ours):
     """The GPU time of fn's kernels, or the host's time to launch them under torch.compile where
     that is longer (the GPU then waits for the host)."""
     if not torch.cuda.is_available():
@@ -146,14 +155,25 @@ def _cost(fn, launch_ms):
         return 1.0
     fn()  # compiles and tunes the kernels
     torch.cuda.synchronize()
-    gpu_ms, launches = _kernels(fn)
-    return max(gpu_ms, launches * launch_ms)
+    gpu_ms, names = _kernels(fn)
+    return max(gpu_ms, host_ms(names, ours))
+
+
+def host_ms(names, ours):
+    """The host's time to launch, in a compiled graph, what an eager call launched (the kernels'
+    names, one per launch): for our op, our kernels at OUR_LAUNCH_MS each and the rest as at most
+    FUSED_LAUNCHES of Inductor's; for the dense side, every kernel as one of Inductor's."""
+    if not ours:
+        return len(names) * INDUCTOR_LAUNCH_MS
+    own = sum(name.startswith(kernel_names()) for name in names)
+    return own * OUR_LAUNCH_MS + min(len(names) - own, FUSED_LAUNCHES) * INDUCTOR_LAUNCH_MS
 
 
 def _kernels(fn, calls=5):
-    """(GPU ms, kernels launched) per call of fn, from the profiler's GPU activity. Eager calls
-    cost the host far more than a compiled graph's launches do (2.2-3 ms against 0.2 ms of GPU
-    work for a small site on an H100), so wall time would misjudge what the compiled step pays."""
+    """(GPU ms per call of fn, the names of the kernels one call launched), from the profiler's
+    GPU activity. Eager calls cost the host far more than a compiled graph's launches do
+    (2.2-3 ms against 0.2 ms of GPU work for a small site on an H100), so wall time would
+    misjudge what the compiled step pays."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -163,7 +183,8 @@ def _kernels(fn, calls=5):
     gpu = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
     if not gpu:  # another profiler running, say: no timing rather than a cost of zero
         raise RuntimeError("the profiler recorded no GPU activity")
-    return sum(event.time_range.elapsed_us() for event in gpu) / 1000 / calls, len(gpu) / calls
+    per_call = [event.name for event in gpu[: len(gpu) // calls]]
+    return sum(event.time_range.elapsed_us() for event in gpu) / 1000 / calls, per_call
 
 
 def _calls(work, device):
@@ -209,9 +230,10 @@ def _backward(forward, leaves):
 
 
 def _cache_path():
-    """One file per GPU, torch and Triton version."""
+    """One file per GPU, torch and Triton version, and copy of slicecompile's sources (an edit to
+    an op or a kernel changes its speed)."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    versions = f"{name}-torch{torch.__version__}-triton{triton.__version__}"
+    versions = f"{name}-torch{torch.__version__}-triton{triton.__version__}-{sources_key()}"
     directory = os.environ.get("SLICECOMPILE_CACHE_DIR") or os.path.expanduser("~/.cache/slicecompile")
     return os.path.join(directory, "timings-" + "".join(c if c.isalnum() or c in ".+-" else "_" for c in versions))
 

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 import slicecompile
 from slicecompile.compiler import verdicts
+from slicecompile.compiler.cache_key import sources_key
 from slicecompile.compiler.options import parse_options
 
 from conftest import DEVICE
@@ -199,6 +200,21 @@ def test_timings_are_cached_on_disk_per_gpu_and_versions(monkeypatch, tmp_path):
     assert verdicts.measure(first) == (1.0, 2.0) and verdicts.measure(second) == (3.0, 4.0)
     (name,) = os.listdir(tmp_path)
     assert torch.__version__.replace("+", "") in name.replace("+", "") and "triton" in name
+    assert name.endswith(sources_key()), "an edit to the package's sources starts a new file"
+
+
+def test_compiled_host_time_counts_our_kernels_and_what_inductor_fuses():
+    """Our kernels at OUR_LAUNCH_MS each; the eager op's many small torch kernels as at most
+    FUSED_LAUNCHES of Inductor's; the dense side's kernels each as one of Inductor's."""
+    ours = ["sparse_input_matmul_kernel", "sparse_output_matmul_kernel", "sparse_input_matmul_kernel"]
+    torch_side = ["void at::native::vectorized_elementwise_kernel<...>"] * 30
+    expected = 3 * verdicts.OUR_LAUNCH_MS + verdicts.FUSED_LAUNCHES * verdicts.INDUCTOR_LAUNCH_MS
+    assert verdicts.host_ms(ours + torch_side, ours=True) == pytest.approx(expected)
+    assert verdicts.host_ms(ours + torch_side[:2], ours=True) == pytest.approx(
+        3 * verdicts.OUR_LAUNCH_MS + 2 * verdicts.INDUCTOR_LAUNCH_MS
+    )
+    gemms = ["sm90_xmma_gemm_bf16bf16_bf16f32"] * 3
+    assert verdicts.host_ms(gemms, ours=False) == pytest.approx(3 * verdicts.INDUCTOR_LAUNCH_MS)
 
 
 @pytest.mark.gpu
