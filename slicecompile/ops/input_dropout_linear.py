@@ -8,8 +8,9 @@ rather than through a Python op call. The mask is drawn outside the ops by plain
 so the ops themselves are deterministic and a recomputation can reuse a saved mask.
 Backward saves weight, the tiny tile index and a compact copy of x's kept tiles (about
 (1 - p) of x, written by the forward GEMM as it reads them), never x itself or an element-wise
-mask; the weight gradient reads that copy directly. A site launches five kernels a step beyond
-what Inductor makes of the mask's torch code: the three GEMMs, and the bias gradient's reduction.
+mask; the weight gradient reads that copy directly. Of a site's kernels only the three GEMMs
+are ours; the rest (the mask, its tile table and column index, the bias gradient) is torch code
+that Inductor fuses.
 
 CUDA tensors run the Triton kernels; CPU tensors run the dense reference (the same
 definition, element by element), or the kernels through Triton's interpreter when
