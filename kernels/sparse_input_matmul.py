@@ -224,8 +224,10 @@ def sparse_input_matmul(
     count: what masks.gather_tiles makes), at no extra read of a. Not with compact_a or
     a_row_blocks.
     split_k: programs per output tile, each summing an even share of its block-row's kept tiles
-    into a float32 partial product; the partials are then summed. None chooses (split_reduction)
-    where the output tiles would leave multiprocessors idle, without bias or compact_out.
+    into a float32 partial product; the partials are then summed. "auto" chooses
+    (split_reduction) where the output tiles would leave multiprocessors idle; None (the default,
+    until split_reduction is checked against timings on a GPU) does not split. Not with bias or
+    compact_out.
     """
     if not isinstance(compact_a, bool):
         raise TypeError(f"compact_a must be a bool, got {compact_a!r}")
@@ -266,9 +268,12 @@ def sparse_input_matmul(
 
     if splits == 1:
         return launch(out, 0)
-    partial = torch.empty((splits, *shape), device=a.device, dtype=torch.float32)
-    launch(partial[0], partial.stride(0))
-    total = partial.sum(dim=0)
+    # The kernel is handed every split's rows as one tensor, not a view of the first split's: under
+    # torch.compile a tensor a kernel writes is cloned to its own extent (a view then costs a
+    # copy), and what the kernel writes outside it is lost.
+    partial = torch.empty((splits * shape[0], shape[1]), device=a.device, dtype=torch.float32)
+    launch(partial, shape[0] * shape[1])
+    total = partial.view(splits, *shape).sum(dim=0)
     return total.to(a.dtype) if out is None else out.copy_(total)
 
 
@@ -287,9 +292,11 @@ def split_reduction(tiles, multiprocessors, steps):
 
 
 def _splits(split_k, shape, steps, a, bias, compact_out):
-    if split_k is not None:
+    if split_k is None:
+        return 1
+    if split_k != "auto":
         if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
-            raise ValueError(f"split_k must be a positive int or None, got {split_k!r}")
+            raise ValueError(f'split_k must be a positive int, "auto" or None, got {split_k!r}')
         if split_k > 1 and (bias is not None or compact_out is not None):
             raise ValueError("split_k > 1 cannot be used with bias or compact_out")
         return split_k

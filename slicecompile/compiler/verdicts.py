@@ -48,8 +48,9 @@ MARGIN = 0.95  # ours must take at most this share of Inductor's time
 # on an H200 (bench/README.md): 51-61 us for ours, 14-24 us for Inductor's own kernels.
 OUR_LAUNCH_MS, INDUCTOR_LAUNCH_MS = 0.056, 0.019
 # The most kernels Inductor makes of the torch code around our kernels in one site's forward and
-# backward: 6 for dropout_linear's mask, its tile table and column index (bench/README.md).
-FUSED_LAUNCHES = 6
+# backward: 7 for dropout_linear in Inductor's code for a compiled step on an H100 (3 draw the
+# mask, 4 make its tile table, column index and slots), where the eager op launches about 30.
+FUSED_LAUNCHES = 7
 SLOWER = "measured no faster than Inductor"
 UNTIMED = "could not be timed"
 

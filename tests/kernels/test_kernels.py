@@ -1,5 +1,6 @@
 """The masked-GEMM primitives against dense references under explicit masks."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def test_sparse_output_matmul(M, K, N, p, block, dtype, a_t, b_t, tma, seed):
     assert (out[~mask.elements()] == 0).all(), "dropped tiles are written as zeros"
 
 
-@pytest.mark.parametrize("split_k", [None, 2, 3])
+@pytest.mark.parametrize("split_k", [None, "auto", 2, 3])
 @pytest.mark.parametrize("tma, block, M, K", [(False, (32, 16), 152, 88), (True, (128, 128), 1000, 264)])
 def test_per_row_counts_and_transposed_output(tma, block, M, K, split_k):
     """The weight-gradient role: rows keep different numbers of tiles (some fewer than the
@@ -121,12 +122,29 @@ def test_split_reduction_fills_the_multiprocessors():
     assert 1 < split_reduction(1, 132, 64) <= MAX_SPLITS
 
 
+def test_split_kernel_is_handed_every_split(monkeypatch):
+    """Under torch.compile a kernel's writes count only inside the tensors it is handed (those it
+    mutates are cloned by their own extent), so the split kernel gets all the splits' rows."""
+    dsd = importlib.import_module("slicecompile.kernels.sparse_input_matmul")  # the package exports the function
+    handed = []
+    matmul = dsd.MATMUL
+    monkeypatch.setattr(dsd, "MATMUL", lambda *args: handed.append(args[7].shape) or matmul(*args))
+    torch.manual_seed(0)
+    x, dy = torch.randn(64, 48, device=DEVICE), torch.randn(64, 40, device=DEVICE)
+    mask = draw_block_mask(64, 48, 0.5, (16, 16), device=DEVICE)
+    rows, counts = mask.columns()
+    out = sparse_input_matmul(x.t(), dy, rows, counts, (16, 16), mask.scale, split_k=3)
+    assert handed == [(3 * 48, 40)]
+    expected = (x.double() * mask.elements()).t() @ dy.double() * mask.scale
+    assert_close(out, expected, (x * mask.elements()).t() @ dy * mask.scale, "split")
+
+
 def test_split_k_rejects_bad_arguments():
     x = torch.randn(32, 32, device=DEVICE)
     kept = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
     count = torch.ones(1, dtype=torch.int32, device=DEVICE)
-    for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="split_k must be a positive int or None"):
+    for bad in (0, 1.5, True, "fastest"):
+        with pytest.raises(ValueError, match='split_k must be a positive int, "auto" or None'):
             sparse_input_matmul(x, x, kept, count, (16, 16), 1.0, split_k=bad)
     with pytest.raises(ValueError, match="cannot be used with bias"):
         sparse_input_matmul(x, x, kept, count, (16, 16), 1.0, bias=x[0], split_k=2)
@@ -220,7 +238,7 @@ print("benchmarked" if hasattr(tuner, "bench_time") else "from disk")
 @pytest.mark.parametrize("rows, cols, block", [(64, 64, (32, 16)), (50, 70, (16, 32)), (16, 16, (16, 16))])
 def test_forward_writes_the_compact_copy(rows, cols, block, dtype):
     """compact_out receives what masks.gather_tiles makes (zeros past x's edges and in the slots
-    past the count), and the product is unchanged by writing it."""
+    past the count), and the product is still right."""
     torch.manual_seed(0)
     x, b = torch.randn(rows, cols, device=DEVICE).to(dtype), torch.randn(cols, 40, device=DEVICE).to(dtype)
     for p in (0.3, 0.6):
@@ -228,7 +246,8 @@ def test_forward_writes_the_compact_copy(rows, cols, block, dtype):
         slots = masks.max_count(mask.grid[1], p)
         compact = torch.full((rows, slots * block[1]), float("nan"), device=DEVICE, dtype=dtype)
         out = sparse_input_matmul(x, b, mask.kept, mask.count, block, 2.0, compact_out=compact)
-        assert torch.equal(out, sparse_input_matmul(x, b, mask.kept, mask.count, block, 2.0))
+        ref = lambda x, b, mask=mask: (x * mask.elements().to(x.dtype)) @ b * 2.0
+        assert_close(out, ref(x.double(), b.double()), ref(x, b), "product while writing the copy")
         assert torch.equal(compact, masks.gather_tiles(x, mask.kept, block, slots))
 
 
