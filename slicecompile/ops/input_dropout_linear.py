@@ -126,9 +126,10 @@ def _backward(ctx, grad_out, _grad_compact):
     if ctx.needs_input_grad[0]:
         grad_x = block_dropout_linear_grad_input(grad_out, weight, tiles.to(torch.uint8), *ctx.mask_args)
     if ctx.needs_input_grad[1]:
-        rows, count = column_index(tiles)
+        col_rows, col_count = column_index(tiles)
+        col_slots = column_slots(slots, col_rows)
         grad_weight = block_dropout_linear_grad_weight(
-            grad_out, compact, kept, rows, column_slots(slots, rows), count, ctx.x_shape[1], *ctx.mask_args
+            grad_out, compact, kept, col_rows, col_slots, col_count, ctx.x_shape[1], *ctx.mask_args
         )
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = reference.grad_bias(grad_out)
