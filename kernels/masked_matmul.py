@@ -82,13 +82,13 @@ class MaskedMatmul:
         shape,
         sizes,
         modes,
-        splits=1,
     ):
         """scale * a @ b (+ bias) under the mask (its tensors and their strides) into out (a new
         tensor of C's shape (rows, cols) and a's dtype if None); sizes: the kernel's own operand
-        sizes, modes: its mode flags; splits: programs per output tile (a kernel that splits its
-        reduction). Returns out."""
+        sizes, modes: its mode flags (SPLIT_K, where a kernel has it, is its programs per output
+        tile). Returns out."""
         (M, N), K = shape, b.shape[0]
+        splits = modes.get("SPLIT_K", 1)
         if out is None:
             out = torch.empty((M, N), device=a.device, dtype=a.dtype)
         with run_in_interpreter_dtype(out, a, b, bias) as (out_, a, b, bias):

@@ -134,16 +134,15 @@ def sparse_input_matmul_kernel(
                     store_tile(compact_ptr, a, offs_a, offs_compact, M, COMPACT_K, stride_compact_m, stride_compact_k)
             b = operand_tile(b_src, k, pid_n * BLOCK_N, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_T, TMA)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         if WRITE_COMPACT:
             if pid_n == 0:  # zeros in the slots past the count, as masks.gather_tiles leaves there
                 zeros = tl.zeros((BLOCK_M, BLOCK_K), dtype=compact_ptr.dtype.element_ty)
                 for step in range(steps, tl.cdiv(COMPACT_K, BLOCK_K)):
-                    offs_a = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
                     offs_compact = step * BLOCK_K + tl.arange(0, BLOCK_K)
                     store_tile(
-                        compact_ptr, zeros, offs_a, offs_compact, M, COMPACT_K, stride_compact_m, stride_compact_k
+                        compact_ptr, zeros, offs_m, offs_compact, M, COMPACT_K, stride_compact_m, stride_compact_k
                     )
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = acc * scale
         if HAS_BIAS:
@@ -257,14 +256,13 @@ def sparse_input_matmul(
     )
     shape, sizes = (M, b.shape[1]), (*a.shape, compact.shape[1])
     splits = _splits(split_k, shape, kept.shape[1], a, bias, compact_out)
-    modes = dict(COMPACT_A=compact_a, LISTED_A_ROWS=a_row_blocks is not None, WRITE_COMPACT=compact_out is not None)
+    listed, writes = a_row_blocks is not None, compact_out is not None
+    modes = dict(COMPACT_A=compact_a, LISTED_A_ROWS=listed, WRITE_COMPACT=writes, SPLIT_K=splits)
     mask = (kept, count, a_rows, compact)
 
     def launch(c, split_stride):
-        strides, split_modes = (*mask_strides, split_stride), {**modes, "SPLIT_K": splits}
-        return MATMUL(
-            a, b, mask, strides, mask_block, scale, bias, c, allow_tf32, config, tma, shape, sizes, split_modes, splits
-        )
+        strides = (*mask_strides, split_stride)
+        return MATMUL(a, b, mask, strides, mask_block, scale, bias, c, allow_tf32, config, tma, shape, sizes, modes)
 
     if splits == 1:
         return launch(out, 0)

@@ -46,10 +46,7 @@ class BlockMask:
 
     def tiles(self):
         """(block_rows, tiles_per_row) bool: True where the tile is kept."""
-        rows, cols = self.grid
-        table = torch.zeros(rows, cols + 1, dtype=torch.bool, device=self.kept.device)
-        table.scatter_(1, self.kept.long(), True)  # the sentinel lands in the extra column
-        return table[:, :cols]
+        return self.slots() >= 0
 
     def slots(self):
         """(block_rows, tiles_per_row) int32: where in its block-row's list (and so in a compact
