@@ -7,8 +7,13 @@ dropped whole. A dropped tile still needs q kᵀ (for the normaliser) but skips 
 P V product. Saves the log-sum-exp of each query row (natural units) for the backward pass.
 The key loop visits every tile and branches on the tile table around V (the one branch in the
 loop): a compact list of kept tiles, as the masked GEMMs use, would skip the normaliser's tiles.
+Under the drop-keys policy (DropKey) a dropped tile is hidden before the softmax instead, so the
+branch skips the whole tile.
 
-Pointer loads only (no tensor-memory-accelerator path yet): any GPU, and Triton's interpreter.
+The key loop is split in two: the tiles left of the diagonal (and, without causality, all but a
+ragged last tile) skip the per-element causal and edge tests; the rest apply them. Operands are
+read through pointers (any GPU, and Triton's interpreter) or, opt-in, through the tensor memory
+accelerator with Triton's warp specialisation (attention_launch.kernel_paths).
 """
 
 import torch
@@ -19,12 +24,14 @@ from .attention_launch import (
     AttentionKernel,
     check_attention_operands,
     head_block,
+    kernel_paths,
     mask_view,
     widen,
     widened_for_interpreter,
 )
-from .attention_tiling import LN2, LOG2E, load_tile, scores, store_tile, tile_kept
+from .attention_tiling import LN2, LOG2E, key_tiles, scores, store_tile, tile_kept, transposed_tile
 from .runtime import size_key
+from .tiling import operand, operand_tile
 
 
 @triton.jit
@@ -73,6 +80,7 @@ def attention_forward_kernel(
     HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    DROP_KEYS: tl.constexpr,
     MASK_BM: tl.constexpr,
     MASK_BN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -80,6 +88,8 @@ def attention_forward_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_EV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """q: (B, H, LQ, E), k: (B, H // GROUP, LK, E), v: (B, H // GROUP, LK, EV), mask: the
     attention mask seen as (B, H, LQ, LK) (bool as uint8, or additive; stride 0 on broadcast
@@ -90,8 +100,12 @@ def attention_forward_kernel(
     which reads k and v head h // GROUP: out = drop_scale · Σ_kept-tiles P V, lse = log Σ_keys
     exp(scores). qk_scale = scale · log2(e). Rows that see no key (all masked) get out = 0 and
     lse = +inf, so that the backward's recomputed P is 0 there. Under IS_CAUSAL the key tiles
-    past the diagonal are never visited. BLOCK_M divides MASK_BM and BLOCK_N divides MASK_BN;
-    BLOCK_E and BLOCK_EV are E and EV padded to powers of two."""
+    past the diagonal are never visited, and the tiles left of it skip the per-element causal
+    test. DROP_KEYS: dropped tiles are hidden before the softmax (the normaliser covers kept
+    tiles only) and never visited. BLOCK_M divides MASK_BM and BLOCK_N divides MASK_BN;
+    BLOCK_E and BLOCK_EV are E and EV padded to powers of two. TMA reads q, k and v through
+    tensor-memory-accelerator descriptors (16-bit operands, unit stride along the head dim,
+    16-byte aligned strides); WARP_SPECIALIZE asks Triton to warp-specialise the key loops."""
     tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BN % BLOCK_N == 0, "tiles must divide the mask's block")
     # Inductor passes Python floats to a user kernel as float64 (torch 2.11, H200): in float32 they
     # keep the online softmax's carried values, and the dot accumulator, float32.
@@ -101,74 +115,146 @@ def attention_forward_kernel(
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    q = load_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_e, LQ, E, stride_qm, stride_qe)
-    k_base = k_ptr + b * stride_kb + hk * stride_kh
-    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    q_src = operand(q_ptr + b * stride_qb + h * stride_qh, LQ, E, stride_qm, stride_qe, BLOCK_M, BLOCK_E, False, TMA)
+    k_src = operand(k_ptr + b * stride_kb + hk * stride_kh, LK, E, stride_kn, stride_ke, BLOCK_N, BLOCK_E, False, TMA)
+    v_src = operand(v_ptr + b * stride_vb + hk * stride_vh, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, False, TMA)
+    q = operand_tile(q_src, start_m, 0, LQ, E, stride_qm, stride_qe, BLOCK_M, BLOCK_E, False, TMA)
+    sources = (k_src, v_src, LK, E, EV, stride_kn, stride_ke, stride_vn, stride_ve)
     mask_base = mask_ptr + b * stride_mb + h * stride_mh if HAS_MASK else mask_ptr
+    masking = (LQ, qk_scale, stride_mm, stride_mn)
     keep_base = keep_ptr + b * stride_keep_b + h * stride_keep_h
+    table = (keep_base, stride_keep_m, stride_keep_n)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_EV), dtype=tl.float32)
-    hi = tl.minimum(LK, start_m + BLOCK_M) if IS_CAUSAL else LK
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = load_tile(k_base, offs_e, offs_n, E, LK, stride_ke, stride_kn)
-        s = scores(
-            q, k_t, offs_m, offs_n, LQ, LK, qk_scale, mask_base, stride_mm, stride_mn,
-            HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION,
-        )  # fmt: skip
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen no key yet
-        p = tl.math.exp2(s - shift[:, None])
-        alpha = tl.math.exp2(row_max - shift)
-        row_sum = row_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if tile_kept(keep_base, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN):
-            v = load_tile(v_base, offs_n, offs_ev, LK, EV, stride_vn, stride_ve)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        row_max = new_max
+    state = (acc, row_max, row_sum)
+    inner_end, end = key_tiles(start_m, LK, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    # Two loops: the first has no per-element causal or edge test, the second covers the diagonal
+    # and the ragged last tile.
+    state = _key_loop(
+        state, q, offs_m, start_m, 0, inner_end, sources, mask_base, masking, table, HAS_MASK, MASK_BOOL, IS_CAUSAL,
+        DROP_KEYS, MASK_BM, MASK_BN, BLOCK_N, BLOCK_E, BLOCK_EV, False, INPUT_PRECISION, TMA, WARP_SPECIALIZE,
+    )  # fmt: skip
+    state = _key_loop(
+        state, q, offs_m, start_m, inner_end, end, sources, mask_base, masking, table, HAS_MASK, MASK_BOOL, IS_CAUSAL,
+        DROP_KEYS, MASK_BM, MASK_BN, BLOCK_N, BLOCK_E, BLOCK_EV, True, INPUT_PRECISION, TMA, WARP_SPECIALIZE,
+    )  # fmt: skip
+    acc, row_max, row_sum = state
 
     seen = row_sum > 0
     out = acc * (drop_scale / tl.where(seen, row_sum, 1.0))[:, None]
     out_base = out_ptr + b * stride_ob + h * stride_oh
-    store_tile(out_base, out, offs_m, offs_ev, LQ, EV, stride_om, stride_oe)
+    store_tile(out_base, out, offs_m, tl.arange(0, BLOCK_EV), LQ, EV, stride_om, stride_oe)
     lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) * LN2, float("inf"))
     tl.store(lse_ptr + (b * H + h) * LQ + offs_m, lse, mask=offs_m < LQ)
 
 
-def _configs():
-    """Candidates (BLOCK_M, BLOCK_N, warps, stages) after the Triton tutorial's fused attention;
-    not yet tuned on a GPU here. fit() shrinks them to the mask's block and the head dims."""
-    return [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)]
-    ]
+@triton.jit
+def _key_loop(
+    state,
+    q,
+    offs_m,
+    start_m,
+    lo,
+    hi,
+    sources,
+    mask_base,
+    masking,
+    table,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    DROP_KEYS: tl.constexpr,
+    MASK_BM: tl.constexpr,
+    MASK_BN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_EV: tl.constexpr,
+    EDGE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """The online softmax over the key tiles [lo, hi) of the query tile at start_m: state =
+    (acc, row_max, row_sum) updated tile by tile. Under DROP_KEYS a dropped tile is skipped whole;
+    otherwise it enters the normaliser and only its P V is skipped."""
+    acc, row_max, row_sum = state
+    k_src, v_src, LK, E, EV, stride_kn, stride_ke, stride_vn, stride_ve = sources
+    LQ, qk_scale, stride_mm, stride_mn = masking
+    keep_base, stride_keep_m, stride_keep_n = table
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        kept = tile_kept(keep_base, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN)
+        visit = kept if DROP_KEYS else True
+        if visit:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k_t = transposed_tile(k_src, start_n, LK, E, stride_kn, stride_ke, BLOCK_N, BLOCK_E, TMA)
+            s = scores(
+                q, k_t, offs_m, offs_n, LQ, LK, qk_scale, mask_base, stride_mm, stride_mn,
+                HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION, EDGE,
+            )  # fmt: skip
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen no key yet
+            p = tl.math.exp2(s - shift[:, None])
+            alpha = tl.math.exp2(row_max - shift)
+            row_sum = row_sum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if kept:
+                v = operand_tile(v_src, start_n, 0, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, False, TMA)
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+            row_max = new_max
+    return acc, row_max, row_sum
 
 
-FORWARD = AttentionKernel(attention_forward_kernel, _configs(), resident="BLOCK_M")
+# Candidates (BLOCK_M, BLOCK_N, warps, stages) per padded head dim, after the Triton tutorial's
+# fused attention, kept to those that compile without register spills for sm_90 (Triton 3.7,
+# bench/inspect_kernels.py; at head dim 128, 128x32 with 4 warps spilled); not yet timed on a GPU.
+# At 256 the pointer path spills whatever the tiles. AttentionKernel.fit shrinks them to the mask's
+# block and to the head dims' bytes.
+FORWARD_CONFIGS = {
+    64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
+    256: [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
+}
+
+
+FORWARD = AttentionKernel(attention_forward_kernel, FORWARD_CONFIGS, resident="BLOCK_M")
 LOG2E_VALUE = float(LOG2E.value)
 
 
 def attention_forward(
-    q, k, v, keep, mask_block, drop_scale, scale, attn_mask=None, is_causal=False, allow_tf32=False, config=None
+    q,
+    k,
+    v,
+    keep,
+    mask_block,
+    drop_scale,
+    scale,
+    attn_mask=None,
+    is_causal=False,
+    allow_tf32=False,
+    config=None,
+    drop_keys=False,
+    tma=None,
+    warp_specialize=None,
 ):
     """(out, lse) of block-dropout attention: out (B, H, Lq, Ev) in q's dtype,
     out = (softmax(q kᵀ · scale + mask) ⊙ M) v · drop_scale, M the tile table keep (B, H,
     cdiv(Lq, BM), cdiv(Lk, BN)) (True or 1 = kept) of semantic blocks mask_block = (BM, BN);
-    lse (B, H, Lq) float32, each query row's log-sum-exp (+inf where no key is seen).
+    lse (B, H, Lq) float32, each query row's log-sum-exp (+inf where no key is seen). drop_keys:
+    out = softmax(q kᵀ · scale + mask, dropped tiles hidden) v · drop_scale instead (DropKey: the
+    normaliser covers kept tiles only; dropped tiles are never visited).
 
     q (B, H, Lq, E), k (B, Hk, Lk, E), v (B, Hk, Lk, Ev), any strides; head h reads k/v head
     h // (H // Hk). attn_mask: bool (True = attend) or additive, broadcastable to (B, H, Lq, Lk),
     read in place. is_causal: query i sees keys j <= i (top-left aligned). config: kernel tiles
     and launch options (dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=)) instead of autotuning.
+    tma, warp_specialize: the kernel's opt-in Hopper paths (attention_launch.kernel_paths).
     """
     B, H, Hk, Lq, Lk, E, Ev = check_attention_operands(q, k, v, keep, mask_block, attn_mask)
     if widened_for_interpreter(q):
-        args = (widen(q), widen(k), widen(v), keep, mask_block, drop_scale, scale, widen(attn_mask))
-        out, lse = attention_forward(*args, is_causal=is_causal, allow_tf32=allow_tf32, config=config)
+        args = (widen(q), widen(k), widen(v), keep, mask_block, drop_scale, scale, widen(attn_mask), is_causal)
+        out, lse = attention_forward(*args, allow_tf32, config, drop_keys, tma, warp_specialize)
         return out.to(q.dtype), lse
     out = torch.empty((B, H, Lq, Ev), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
@@ -183,11 +269,13 @@ def attention_forward(
         HAS_MASK=attn_mask is not None,
         MASK_BOOL=mask_bool,
         IS_CAUSAL=bool(is_causal),
+        DROP_KEYS=bool(drop_keys),
         MASK_BM=mask_block[0],
         MASK_BN=mask_block[1],
         BLOCK_E=head_block(E),
         BLOCK_EV=head_block(Ev),
         INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+        **kernel_paths((q, k, v), tma, warp_specialize),
     )
     grid = lambda tiles: (triton.cdiv(Lq, tiles["BLOCK_M"]), H, B)  # noqa: E731
     FORWARD.launch(grid, config, mask_block, q.element_size(), args, meta)

@@ -6,8 +6,9 @@ import os
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 
-from .runtime import SHARED_MEMORY_BUDGET, SUPPORTED_DTYPES, autotuned, interpreting, traceable
+from .runtime import SHARED_MEMORY_BUDGET, SUPPORTED_DTYPES, autotuned, descriptor_memory, interpreting, traceable
 
 MAX_HEAD_DIM = 256
 # Resident tiles (the rows a program keeps for its whole loop, beside their float32
@@ -61,6 +62,35 @@ def check_attention_operands(q, k, v, keep, mask_block, attn_mask):
     return B, H, Hk, Lq, Lk, E, Ev
 
 
+def kernel_paths(tensors, tma, warp_specialize):
+    """dict(TMA=, WARP_SPECIALIZE=): how the kernels read q, k, v (and dO). tma=None reads the
+    SLICECOMPILE_ATTENTION_TMA environment variable ("1": on where the operands allow it), True
+    insists (ValueError when they cannot be read that way), False never. warp_specialize=None reads
+    SLICECOMPILE_ATTENTION_WS; it needs the TMA path. Both are off by default until a GPU run of
+    the attention tests has checked them."""
+    if tma is None:
+        tma = os.environ.get("SLICECOMPILE_ATTENTION_TMA", "0") == "1" and all(map(_tma_readable, tensors))
+    elif tma and not all(map(_tma_readable, tensors)):
+        raise ValueError(
+            "attention operands cannot be read by the tensor memory accelerator: each needs unit stride "
+            "along the head dim and its other strides and start aligned to 16 bytes"
+        )
+    if warp_specialize is None:
+        warp_specialize = os.environ.get("SLICECOMPILE_ATTENTION_WS", "0") == "1"
+    if warp_specialize and not tma:
+        raise ValueError("warp specialisation of the attention kernels needs the TMA path")
+    if tma and tensors[0].is_cuda:
+        triton.set_allocator(descriptor_memory)
+    return dict(TMA=bool(tma), WARP_SPECIALIZE=bool(warp_specialize))
+
+
+def _tma_readable(t):
+    """Whether each (batch, head) plane of 4-D t can be a tensor-memory-accelerator descriptor."""
+    start = t.storage_offset() * t.element_size() if is_fake(t) or t.device.type == "meta" else t.data_ptr()
+    strides = t.stride()
+    return t.stride(3) == 1 and start % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in strides[:3])
+
+
 def head_block(d):
     """A head dim padded to a power of two of at least 16 (what tl.dot needs)."""
     return max(16, triton.next_power_of_2(d))
@@ -88,23 +118,35 @@ def widen(t):
 
 
 class AttentionKernel:
-    """An attention kernel with its autotuning candidates (triton.Configs of BLOCK_M, BLOCK_N).
+    """An attention kernel with its autotuning candidates: by_head_dim maps the largest padded head
+    dim a list serves (64, 128, 256) to (BLOCK_M, BLOCK_N, warps, stages) tuples, best first.
     resident: the tile whose rows a program holds for its whole loop ("BLOCK_M" for the
     forward and dQ, "BLOCK_N" for dK/dV); the other is streamed. The kernel takes LQ_KEY,
-    LK_KEY, BLOCK_E, BLOCK_EV, MASK_BM, MASK_BN, IS_CAUSAL and HAS_MASK, its tuning key
+    LK_KEY, BLOCK_E, BLOCK_EV, MASK_BM, MASK_BN, IS_CAUSAL, HAS_MASK, DROP_KEYS and TMA, its tuning key
     (with extra_key's meta-parameters)."""
 
-    KEY = ["LQ_KEY", "LK_KEY", "BLOCK_E", "BLOCK_EV", "MASK_BM", "MASK_BN", "IS_CAUSAL", "HAS_MASK"]
+    KEY = ["LQ_KEY", "LK_KEY", "BLOCK_E", "BLOCK_EV", "MASK_BM", "MASK_BN", "IS_CAUSAL", "HAS_MASK", "DROP_KEYS", "TMA"]
 
-    def __init__(self, kernel, configs, resident, extra_key=()):
-        self.kernel, self.configs, self.resident = kernel, configs, resident
+    def __init__(self, kernel, by_head_dim, resident, extra_key=()):
+        self.kernel, self.resident = kernel, resident
+        self.by_head_dim = {
+            dim: [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+            for dim, shapes in sorted(by_head_dim.items())
+        }
+        self.configs = list({str(c): c for shapes in self.by_head_dim.values() for c in shapes}.values())
         self.streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
-        self.tuned = autotuned(kernel, configs, self.KEY + list(extra_key), self._prune)
+        self.tuned = autotuned(kernel, self.configs, self.KEY + list(extra_key), self._prune)
+
+    def candidates(self, element_size, block_e, block_ev, mask_block):
+        """The fitted candidates for these head dims (padded) and this mask's block, best first."""
+        width = max(block_e, block_ev)
+        shapes = next((c for dim, c in self.by_head_dim.items() if width <= dim), list(self.by_head_dim.values())[-1])
+        return self.fit(shapes, element_size, block_e, block_ev, mask_block)
 
     def _prune(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         sizes = (args["BLOCK_E"], args["BLOCK_EV"], (args["MASK_BM"], args["MASK_BN"]))
-        return self.fit(configs, args["q_ptr"].element_size(), *sizes)
+        return self.candidates(args["q_ptr"].element_size(), *sizes)
 
     def fit(self, configs, element_size, block_e, block_ev, mask_block):
         """configs with tiles shrunk to divide the mask's block (powers of two no larger than
@@ -136,7 +178,7 @@ class AttentionKernel:
         if config is None and interpreting():
             config = dict(BLOCK_M=mask_block[0], BLOCK_N=mask_block[1], num_warps=4, num_stages=1)
         elif config is None and os.environ.get("SLICECOMPILE_AUTOTUNE", "1") == "0":
-            first = self.fit(self.configs[:1], element_size, meta["BLOCK_E"], meta["BLOCK_EV"], mask_block)[0]
+            first = self.candidates(element_size, meta["BLOCK_E"], meta["BLOCK_EV"], mask_block)[0]
             config = dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
         if config is None:
             traceable(self.tuned)[grid](*args, **meta)

@@ -22,6 +22,21 @@ def load_tile(ptr, offs_r, offs_c, n_r, n_c, stride_r, stride_c):
 
 
 @triton.jit
+def transposed_tile(
+    source, start, n_r, n_c, stride_r, stride_c, ROWS: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr
+):
+    """Rows [start, start + ROWS) of a (n_r, n_c) matrix read through tiling.operand (a descriptor
+    of (ROWS, COLS) blocks if TMA, else a pointer), as a (COLS, ROWS) tile; zeros past its edges.
+    Pointers read it transposed directly: loading it upright and transposing it in registers cost
+    the dK/dV kernel spills (sm_90 compile, Triton 3.7: 684 against 8 bytes at head dim 64)."""
+    if TMA:
+        tile = tl.trans(source.load([start, 0]))
+    else:
+        tile = load_tile(source, tl.arange(0, COLS), start + tl.arange(0, ROWS), n_c, n_r, stride_c, stride_r)
+    return tile
+
+
+@triton.jit
 def store_tile(ptr, value, offs_r, offs_c, n_r, n_c, stride_r, stride_c):
     """value in ptr's dtype at rows offs_r, columns offs_c of a (n_r, n_c) matrix, inside its edges."""
     ptrs = ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
@@ -44,15 +59,20 @@ def scores(
     MASK_BOOL: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    EDGE: tl.constexpr = True,
 ):
     """(BLOCK_M, BLOCK_N) float32 scores q @ k_t * qk_scale (+ mask * log2(e)) of queries offs_m
     against keys offs_n, in base-2 units; -inf where a key is past LK, hidden by the causal rule
     (query i sees keys j <= i), or False in a boolean mask. q: (BLOCK_M, BLOCK_E) tile, k_t:
     (BLOCK_E, BLOCK_N) tile (k transposed), qk_scale = scale * log2(e). mask_ptr points at this
-    (batch, head)'s (LQ, LK) plane of the attention mask (broadcast dims have stride 0)."""
+    (batch, head)'s (LQ, LK) plane of the attention mask (broadcast dims have stride 0).
+    EDGE=False: the caller knows every key of the tile is inside LK and, under IS_CAUSAL, seen by
+    every query of the tile (see key_tiles), so the per-element causal and edge tests are left out."""
     s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+    if not EDGE and not HAS_MASK:
+        return s
     live = (offs_n[None, :] < LK) & (offs_m[:, None] >= 0)
-    if IS_CAUSAL:
+    if IS_CAUSAL and EDGE:
         live = live & (offs_m[:, None] >= offs_n[None, :])
     if HAS_MASK:
         in_plane = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
@@ -71,3 +91,33 @@ def tile_kept(keep_ptr, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM:
     tiles divide the semantic block, so a kernel tile lies in exactly one semantic tile."""
     flag = tl.load(keep_ptr + (start_m // MASK_BM) * stride_keep_m + (start_n // MASK_BN) * stride_keep_n)
     return flag != 0
+
+
+@triton.jit
+def key_tiles(start_m, LK, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(inner_end, end): the key tiles a query tile at start_m visits are [0, end) in steps of
+    BLOCK_N; those before inner_end lie wholly inside LK and, under IS_CAUSAL, wholly at or left of
+    the tile's first query (every query of the tile sees every key of the tile), so they need no
+    per-element causal or edge test. The tiles from inner_end to end are the diagonal and ragged ones."""
+    if IS_CAUSAL:
+        end = tl.minimum(LK, start_m + BLOCK_M)
+        inner_end = tl.minimum((start_m + 1) // BLOCK_N, LK // BLOCK_N) * BLOCK_N
+    else:
+        end = LK
+        inner_end = (LK // BLOCK_N) * BLOCK_N
+    return inner_end, end
+
+
+@triton.jit
+def query_tiles(start_n, LQ, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(start, inner_start): the query tiles that see the key tile at start_n are [start, LQ) in
+    steps of BLOCK_M; under IS_CAUSAL those from inner_start on see every key of the tile (no
+    per-element causal test), those before it straddle the diagonal. Query rows past LQ need no
+    test: their log-sum-exp is +inf, so their recomputed P is 0."""
+    if IS_CAUSAL:
+        start = (start_n // BLOCK_M) * BLOCK_M
+        inner_start = tl.maximum(start, tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M)
+    else:
+        start = 0
+        inner_start = 0
+    return start, inner_start

@@ -163,7 +163,7 @@ def _tma_layouts(a, b, tma, mask_block):
             f"needs sides of at least {TMA_MIN_BLOCK}"
         )
     if a.is_cuda:
-        triton.set_allocator(_descriptor_memory)
+        triton.set_allocator(descriptor_memory)
     return layouts[0] == 0, layouts[1] == 0
 
 
@@ -179,6 +179,6 @@ def _unit_stride_dim(t):
     return None
 
 
-def _descriptor_memory(size, alignment, stream):
+def descriptor_memory(size, alignment, stream):
     """Global memory for tensor descriptors that kernels create on the device."""
     return torch.empty(size, dtype=torch.int8, device="cuda")

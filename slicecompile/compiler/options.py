@@ -9,6 +9,7 @@ import torch._inductor.config  # noqa: F401  (parse_options reads its keys)
 
 from ..ops import DEFAULT_BLOCK
 from ..ops.checks import check_block
+from ..ops.dropout_attention import ATTENTION_POLICIES
 from .verdicts import MODES
 
 POLICIES = ("block", "slice")
@@ -30,6 +31,7 @@ class Options:
     samples_per_group: int = 8  # dropout -> conv2d, block policy: samples sharing one channel mask
     hashed_outputs: float | None = None  # active share: F.cross_entropy(linear(x)) over hashed output tiles
     rewrite: str = "auto"  # on a GPU, only sites timed faster than Inductor (verdicts.py); or "always"
+    attention: str = "dropout"  # attention: "dropout" of probability tiles, or "dropkey" (keys, before the softmax)
 
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
@@ -60,6 +62,9 @@ def _validated(options):
     active = options.hashed_outputs
     if active is not None and (isinstance(active, bool) or not isinstance(active, (int, float)) or not 0 < active <= 1):
         raise ValueError(f"hashed_outputs must be None or an active share in (0, 1], got {active!r}")
+    if options.attention not in ATTENTION_POLICIES:
+        known = ", ".join(ATTENTION_POLICIES)
+        raise ValueError(f"unknown attention policy {options.attention!r} (option attention); known policies: {known}")
     if options.rewrite not in MODES:
         raise ValueError(f"unknown rewrite mode {options.rewrite!r}; known modes: {', '.join(MODES)}")
     size = options.min_gemm_size

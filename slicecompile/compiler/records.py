@@ -32,7 +32,7 @@ class Site:
     gemms: tuple = ()  # (M, K, N) per consuming matmul
     rewritten: bool = False
     reason: str = ""
-    policy: str = "block"  # how the rewrite drops: "block" tiles or one "slice" window
+    policy: str = "block"  # how the rewrite drops: "block" tiles, one "slice" window, or attention's "dropkey"
     # the dropped matrix: the matmul's "input", its "output", the "attention" probabilities; or a
     # "loss" computed over hashed output tiles
     side: str = "input"
@@ -54,12 +54,13 @@ class Site:
     @property
     def saved_flops(self):
         """Expected FLOPs skipped: a fraction p of each of the three GEMMs; for attention, of
-        P·V's three (P·V, dV and dP), since q kᵀ, dQ and dK visit dropped tiles too; for a loss
-        over hashed outputs, all but four GEMMs of the active share (its backward recomputes the
-        logits)."""
+        P·V's three (P·V, dV and dP), since q kᵀ, dQ and dK visit dropped tiles too, but under
+        "dropkey" of all six (a dropped tile is never visited; slightly less in fact, as a
+        block-row left with no visible tile keeps one); for a loss over hashed outputs, all but
+        four GEMMs of the active share (its backward recomputes the logits)."""
         if not self.rewritten:
             return 0
         if self.side == "loss":
             return max(0, round(self.dense_flops * (1 - 4 / 3 * self.p)))
-        skipping = self.gemms[1:] if self.side == "attention" else self.gemms
+        skipping = self.gemms[1:] if self.side == "attention" and self.policy != "dropkey" else self.gemms
         return round(self.p * sum(6 * m * k * n for m, k, n in skipping))

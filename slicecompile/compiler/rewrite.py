@@ -4,7 +4,8 @@ window draw and one slice-dropout op per linear layer; a dropout → conv2d beco
 channel-structured dropout (ops/dropout_conv2d.py) under either policy; a matmul → dropout
 (output side) becomes block dropout of the linear layer's output (ops/output_dropout_linear.py),
 under either policy; eager attention's softmax → dropout → @ v, and an SDPA call with
-dropout, become the fused block-dropout attention (ops/dropout_attention.py).
+dropout, become the fused block-dropout attention (ops/dropout_attention.py), under the site's
+policy (options={"attention": "dropkey"}: keys dropped before the softmax).
 
 The replacements are plain Python functions called from the graph; compile_fx retraces the
 graph with make_fx, which traces them into their torch ops (rand, argsort, the custom op),
@@ -72,9 +73,12 @@ def conv2d_under_channel_mask(x, weight, bias, conv, p, policy, samples_per_grou
     return dropout_conv2d(x, weight, bias, *conv, p=p, policy=policy, samples_per_group=samples_per_group)
 
 
-def attention_under_block_dropout(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, block, dtype, eager):
-    """dropout_attention in dtype with SDPA's arguments; for eager attention (eager: its (0-d
-    tensor or symbolic number, divides) scalings), k is given as kᵀ and q is scaled first."""
+def attention_under_block_dropout(
+    q, k, v, attn_mask, p, is_causal, scale, enable_gqa, block, dtype, eager, policy="dropout"
+):
+    """dropout_attention in dtype with SDPA's arguments under policy ("dropout" or "dropkey");
+    for eager attention (eager: its (0-d tensor or symbolic number, divides) scalings), k is
+    given as kᵀ and q is scaled first."""
     if eager is not None:
         for factor, divides in eager:
             q = q / factor if divides else q * factor
@@ -82,7 +86,7 @@ def attention_under_block_dropout(q, k, v, attn_mask, p, is_causal, scale, enabl
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, dtype):
         attn_mask = attn_mask.float()
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    return dropout_attention(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, block)
+    return dropout_attention(q, k, v, attn_mask, p, is_causal, scale, enable_gqa, block, policy=policy)
 
 
 def hashed_loss(x, weight, bias, target, active, ignore_index, reduction, dtype, out_dtype):
@@ -98,13 +102,13 @@ def hashed_loss(x, weight, bias, target, active, ignore_index, reduction, dtype,
 
 
 @contextlib.contextmanager
-def _sdpa_as_block_dropout(block):
+def _sdpa_as_block_dropout(block, policy):
     """F.scaled_dot_product_attention, as torch.nn.functional's own functions call it, replaced by
-    the fused op: the body of F.multi_head_attention_forward then runs on block dropout."""
+    the fused op under policy: the body of F.multi_head_attention_forward then runs on it."""
     original = F.scaled_dot_product_attention
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        return dropout_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, block)
+        return dropout_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, block, policy=policy)
 
     F.scaled_dot_product_attention = sdpa
     try:
@@ -113,9 +117,10 @@ def _sdpa_as_block_dropout(block):
         F.scaled_dot_product_attention = original
 
 
-def multi_head_attention_under_block_dropout(*args, block, **kwargs):
-    """F.multi_head_attention_forward(*args, **kwargs) (need_weights=False) with block dropout."""
-    with _sdpa_as_block_dropout(block):
+def multi_head_attention_under_block_dropout(*args, block, policy="dropout", **kwargs):
+    """F.multi_head_attention_forward(*args, **kwargs) (need_weights=False) with block dropout
+    under policy."""
+    with _sdpa_as_block_dropout(block, policy):
         return F.multi_head_attention_forward(*args, **kwargs)
 
 
@@ -216,14 +221,15 @@ def _attention_replacements(graph, site, block):
     """An attention site's new node: the fused op in place of P @ V (eager) or of the SDPA call."""
     (node, match), dtype = site.matches[0], site.matches[0][1].dtype
     eager = site.pattern == "attention_dropout"
+    policy = "dropkey" if site.policy == "dropkey" else "dropout"
     if match.key_t is None:  # multi_head_attention_forward
-        kwargs = {**node.kwargs, "block": block}
+        kwargs = {**node.kwargs, "block": block, "policy": policy}
         with graph.inserting_before(node):
             return [(node, graph.call_function(multi_head_attention_under_block_dropout, node.args, kwargs))]
     with graph.inserting_before(node):
         attn_mask = _replayed_mask(graph, match) if eager else match.attn_mask
         args = (match.q, match.key_t, match.v, attn_mask, site.p, match.is_causal, match.scale, match.enable_gqa)
-        args += (block, dtype, match.tensor_scales if eager else None)
+        args += (block, dtype, match.tensor_scales if eager else None, policy)
         return [(node, graph.call_function(attention_under_block_dropout, args))]
 
 

@@ -129,6 +129,11 @@ def _policy(site, options):
     return "block" if batched else options.policy
 
 
+def _attention_policy(options):
+    """An attention site's policy: "block" dropout of its probabilities, or "dropkey"."""
+    return "dropkey" if options.attention == "dropkey" else "block"
+
+
 def _policy_reason(site):
     conv = any(match.conv for _, match in site.matches)
     features = meta_value(site.node.args[0]).shape[1 if conv else -1]
@@ -194,7 +199,7 @@ def _input_side(dropout, options):
 def _attention(site, dropout, options):
     """An input site whose matmul is batched: eager attention (softmax → dropout → @ v) becomes
     the fused attention op; any other batched matmul stays as it is (no kernel skips its tiles)."""
-    site.side, site.policy = "attention", "block"
+    site.side, site.policy = "attention", _attention_policy(options)
     if len(site.matches) > 1:
         match = "the attention probabilities feed several matmuls"
     else:
@@ -223,6 +228,7 @@ def decide_sdpa(node, options):
     constant in (0, 1) (modules pass 0 in eval mode)."""
     site = _site(node)
     site.p, site.consumer, site.pattern, site.side = None, describe(node), "sdpa_dropout", "attention"
+    site.policy = _attention_policy(options)
     p, match = match_sdpa(node)
     if p is not None:
         site.p = float(p)

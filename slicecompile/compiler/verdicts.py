@@ -22,6 +22,12 @@ version and copy of slicecompile's sources (SLICECOMPILE_CACHE_DIR, by default
 
 On a CPU the rewrite stays as "always": there it exists to run the semantics, through Triton's
 interpreter. "always" rewrites every site the pass can take.
+
+Sites whose rewrite changes the model beyond the block structure are not timed: a loss over
+hashed outputs (hashed_outputs) and attention under attention="dropkey". The user opted into that
+objective or regulariser; leaving such a site to Inductor would train another model (the full
+loss, element dropout after the softmax), and differently on each GPU and shape. "Never slower by
+default" holds: both are opt-in. A site the pass cannot take stays as it was, with its reason.
 """
 
 import json
@@ -108,8 +114,8 @@ def judge(sites, options):
     if options.rewrite != "auto":
         return sites
     for site in sites:
-        if not site.rewritten or site.device not in TIMED_DEVICES or site.side == "loss":
-            continue  # a loss over hashed outputs changes the objective: the user asked for it
+        if not site.rewritten or site.device not in TIMED_DEVICES or _chosen_model(site):
+            continue
         try:
             site.timing = measure(workload(site, options))
         except Exception as error:
@@ -122,6 +128,11 @@ def judge(sites, options):
             site.rewritten, site.matches = False, []
             site.reason = f"{SLOWER} ({ours:.3g} ms against {inductor:.3g} ms forward+backward)"
     return sites
+
+
+def _chosen_model(site):
+    """A loss over hashed outputs, or DropKey attention: a model the user asked for, not a speed-up."""
+    return site.side == "loss" or site.policy == "dropkey"
 
 
 _MEASURED = {}  # Workload.key() -> (ours ms, Inductor's ms), this process's and the disk's

@@ -4,7 +4,9 @@ For q (B, H, Lq, E), k (B, Hk, Lk, E), v (B, Hk, Lk, Ev), head h reading k/v hea
     S = q kᵀ · scale + attn_mask (-inf where a boolean mask is False or, under is_causal, where
     key j > query i), P = softmax(S) over every key, O = (P ⊙ M) v / (1 - p),
 M the (B, H, Lq, Lk) element-wise expansion of the (B, H, cdiv(Lq, BM), cdiv(Lk, BN)) tile
-table. A query row that sees no key at all gets P = 0 there, so O = 0 and zero gradients: what
+table. Under the "dropkey" policy (drop_keys) the mask acts before the softmax instead:
+    S' = S, -inf where M = 0, P' = softmax(S') over the kept keys, O = P' v (no rescale).
+A query row that sees no key at all gets P = 0 there, so O = 0 and zero gradients: what
 F.scaled_dot_product_attention returns for such rows (torch >= 2.5), not NaN.
 
 dropout_attention_reference is the element-wise definition, differentiable by autograd, in any
@@ -13,7 +15,8 @@ kernels cannot take (CPU tensors without Triton's interpreter, fake tensors whil
 traces): the same definition with the backward written out,
     dV = (P ⊙ M)ᵀ dO s, dP = (dO vᵀ) ⊙ M s, D = rowsum(dO ⊙ O), dS = P ⊙ (dP − D),
     dQ = dS k · scale, dK = dSᵀ q · scale, d(attn_mask) = dS summed over its broadcast dims,
-with dK and dV summed over the query heads of each group.
+with dK and dV summed over the query heads of each group. Under drop_keys, P is P' (zero on
+dropped tiles, so dS is too), M = 1 and s = 1, and the log-sum-exp covers the kept keys only.
 """
 
 import torch
@@ -63,9 +66,25 @@ def probabilities(s):
     return torch.softmax(s.masked_fill(blind, 0.0), dim=-1).masked_fill(blind, 0.0)
 
 
+def _keys_dropped(s, tiles, block):
+    """s with the dropped tiles' scores at -inf (DropKey: the softmax renormalises over the rest)."""
+    return s.masked_fill(~tile_elements(tiles, block, s.shape[2], s.shape[3]), float("-inf"))
+
+
 def _dropped(probs, tiles, block, p):
     keep = tile_elements(tiles, block, probs.shape[2], probs.shape[3])
     return probs * keep.to(probs.dtype) * (1.0 / (1.0 - p))
+
+
+def _masked_scores(q, k, attn_mask, is_causal, scale, tiles, block, drop_keys):
+    s = scores(q, k, attn_mask, is_causal, scale)
+    return _keys_dropped(s, tiles, block) if drop_keys else s
+
+
+def _attend(s, v, tiles, block, p, drop_keys):
+    """O from the scores: P v under drop_keys (s holds the drop already), else (P ⊙ M) v / (1 - p)."""
+    probs = probabilities(s)
+    return (probs if drop_keys else _dropped(probs, tiles, block, p)) @ _grouped(v, s.shape[1])
 
 
 def _check_heads(q, k, enable_gqa):
@@ -76,31 +95,32 @@ def _check_heads(q, k, enable_gqa):
 
 
 def dropout_attention_reference(q, k, v, mask, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    """The element-wise definition under an AttentionMask (its tiles, block and p), on 4-D
-    (B, H, L, E) or 3-D (H, L, E) inputs (then mask has batch 1), differentiable by autograd."""
+    """The element-wise definition under an AttentionMask (its tiles, block, p and policy), on
+    4-D (B, H, L, E) or 3-D (H, L, E) inputs (then mask has batch 1), differentiable by autograd."""
     if q.dim() == 3:
         args = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask, attn_mask, is_causal, scale, enable_gqa)
         return dropout_attention_reference(*args).squeeze(0)
     _check_heads(q, k, enable_gqa)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    probs = probabilities(scores(q, k, attn_mask, is_causal, scale))
-    return _dropped(probs, mask.tiles, mask.block, mask.p) @ _grouped(v, q.shape[1])
+    drop_keys = mask.policy == "dropkey"
+    s = _masked_scores(q, k, attn_mask, is_causal, scale, mask.tiles, mask.block, drop_keys)
+    return _attend(s, v, mask.tiles, mask.block, mask.p, drop_keys)
 
 
-def forward(q, k, v, attn_mask, tiles, block, p, is_causal, scale):
+def forward(q, k, v, attn_mask, tiles, block, p, is_causal, scale, drop_keys=False):
     """(out, lse) as the kernels return them: out in q's dtype, lse (B, H, Lq) float32, +inf on
-    rows that see no key."""
-    s = scores(q, k, attn_mask, is_causal, scale)
-    out = _dropped(probabilities(s), tiles, block, p) @ _grouped(v, q.shape[1])
+    rows that see no key (under drop_keys: no kept key)."""
+    s = _masked_scores(q, k, attn_mask, is_causal, scale, tiles, block, drop_keys)
+    out = _attend(s, v, tiles, block, p, drop_keys)
     lse = torch.logsumexp(s.float(), dim=-1)
     return out, lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
-def backward(grad_out, q, k, v, out, lse, attn_mask, tiles, block, p, is_causal, scale, mask_grad):
+def backward(grad_out, q, k, v, out, lse, attn_mask, tiles, block, p, is_causal, scale, mask_grad, drop_keys=False):
     """(dq, dk, dv, d_attn_mask or None) from the saved log-sum-exp, as the kernels compute them."""
-    s = scores(q, k, attn_mask, is_causal, scale)
-    probs = torch.exp(s.float() - lse[..., None]).to(q.dtype)
-    keep = tile_elements(tiles, block, q.shape[2], k.shape[2]).to(q.dtype) * (1.0 / (1.0 - p))
+    s = _masked_scores(q, k, attn_mask, is_causal, scale, tiles, block, drop_keys)
+    probs = torch.exp(s.float() - lse[..., None]).to(q.dtype)  # 0 on tiles whose keys were dropped
+    keep = 1.0 if drop_keys else tile_elements(tiles, block, q.shape[2], k.shape[2]).to(q.dtype) * (1.0 / (1.0 - p))
     dv = (probs * keep).transpose(-1, -2) @ grad_out
     dp = (grad_out @ _grouped(v, q.shape[1]).transpose(-1, -2)) * keep
     delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)

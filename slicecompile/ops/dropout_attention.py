@@ -16,6 +16,11 @@ slicecompile.kernels (the forward skips P·V on dropped tiles, the backward dV's
 CPU tensors run the dense reference (attention_reference.py), or the kernels through Triton's
 interpreter when TRITON_INTERPRET=1.
 
+policy="dropkey" (DropKey, Li et al., CVPR 2023) drops keys before the softmax instead: a
+dropped tile's scores are -inf, the softmax renormalises over the kept tiles, nothing is
+rescaled, and the kernels skip every GEMM of a dropped tile. So E[O] is not SDPA's output. Each
+query block-row keeps at least one tile all its queries can see (draw_attention_mask).
+
 Rows that see no key (a mask hiding every key of a query) give zeros and zero gradients, as
 SDPA does in torch >= 2.5. An additive attn_mask that requires grad (T5's position bias) gets
 its gradient, dS summed over its broadcast dims; computing it materialises a (B, H, Lq, Lk)
@@ -36,21 +41,35 @@ from .dispatch import allow_tf32
 
 DEFAULT_ATTENTION_BLOCK = (128, 128)
 MAX_HEAD_DIM = 256
+# "dropout": tiles of the probabilities dropped after the softmax, kept ones scaled by 1 / (1 - p);
+# "dropkey": tiles of keys dropped before the softmax (renormalised over the rest, no rescale).
+ATTENTION_POLICIES = ("dropout", "dropkey")
+
+
+def check_attention_policy(policy):
+    if policy not in ATTENTION_POLICIES:
+        raise ValueError(f"unknown attention policy {policy!r}; known policies: {', '.join(ATTENTION_POLICIES)}")
 
 
 @dataclass(frozen=True)
 class AttentionMask:
     """tiles: (B, H, cdiv(Lq, BM), cdiv(Lk, BN)) bool, True where the (BM, BN) tile of a
-    (query, key) plane is kept; shape: (B, H, Lq, Lk); block: (BM, BN); p: drop probability."""
+    (query, key) plane is kept; shape: (B, H, Lq, Lk); block: (BM, BN); p: drop probability;
+    policy: "dropout" (probabilities, after the softmax) or "dropkey" (keys, before it)."""
 
     tiles: torch.Tensor
     shape: tuple
     block: tuple
     p: float
+    policy: str = "dropout"
+
+    def __post_init__(self):
+        check_attention_policy(self.policy)
 
     @property
     def scale(self):
-        return 1.0 / (1.0 - self.p)
+        """What multiplies the kept probabilities: 1 / (1 - p), or 1 under "dropkey"."""
+        return 1.0 if self.policy == "dropkey" else 1.0 / (1.0 - self.p)
 
     def elements(self):
         """(B, H, Lq, Lk) bool element-wise mask, for references and tests."""
@@ -64,16 +83,54 @@ def _check_size(name, value):
         raise TypeError(f"{name} must be a non-negative int, got {value!r}")
 
 
-def draw_attention_mask(batch, heads, lq, lk, p, block=DEFAULT_ATTENTION_BLOCK, device=None, generator=None):
+def draw_attention_mask(
+    batch,
+    heads,
+    lq,
+    lk,
+    p,
+    block=DEFAULT_ATTENTION_BLOCK,
+    device=None,
+    generator=None,
+    policy="dropout",
+    is_causal=False,
+):
     """An AttentionMask over (batch, heads, lq, lk): every (BM, BN) tile kept independently with
-    probability 1 - p, by one torch.rand on device. Sizes may be symbolic (torch.compile)."""
+    probability 1 - p, by one torch.rand on device. Under policy="dropkey", a query block-row
+    left with no kept tile that all its queries see (under is_causal) gets one back
+    (_one_tile_per_row). Sizes may be symbolic (torch.compile)."""
     for name, value in (("batch", batch), ("heads", heads), ("lq", lq), ("lk", lk)):
         _check_size(name, value)
     check_p(p)
     block = check_block(block)
+    check_attention_policy(policy)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     grid = (batch, heads, -(-lq // block[0]), -(-lk // block[1]))
     uniform = torch.rand(grid, device=device, **({} if generator is None else {"generator": generator}))
-    return AttentionMask(uniform >= p, (batch, heads, lq, lk), block, float(p))
+    kept = uniform >= p
+    if policy == "dropkey":
+        kept = _one_tile_per_row(kept, uniform, block, is_causal)
+    return AttentionMask(kept, (batch, heads, lq, lk), block, float(p), policy)
+
+
+def _one_tile_per_row(kept, uniform, block, is_causal):
+    """DropKey's softmax needs a key in every row. A block-row none of whose kept tiles its first
+    query (so every query of the block) sees keeps one more: under is_causal its diagonal tile,
+    the one holding key i·BM (the last tile when i·BM >= Lk), which every query of the block sees
+    under top-left causal masking; otherwise the tile of its largest draw. Rows that have such a
+    tile are left as drawn, so p is honoured as closely as the rule allows."""
+    rows, cols = kept.shape[-2:]
+    column = torch.arange(cols, device=kept.device)
+    if is_causal:
+        diagonal = (torch.arange(rows, device=kept.device) * block[0] // block[1]).clamp(max=cols - 1)[:, None]
+        chosen, seen = column == diagonal, column <= diagonal
+    elif statically_known_true(cols == 0):
+        return kept
+    else:
+        chosen, seen = uniform == uniform.amax(-1, keepdim=True), True
+    blind = ~(kept & seen).any(-1, keepdim=True)
+    return kept | (chosen & blind)
 
 
 @torch.library.triton_op("slicecompile::block_dropout_attention", mutates_args=())
@@ -88,12 +145,15 @@ def block_dropout_attention(
     p: float,
     is_causal: bool,
     scale: float,
+    drop_keys: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(out (B, H, Lq, Ev), lse (B, H, Lq) float32) for 4-D q, k, v under the tile table."""
-    block, drop_scale = (block_m, block_n), 1.0 / (1.0 - p)
+    """(out (B, H, Lq, Ev), lse (B, H, Lq) float32) for 4-D q, k, v under the tile table;
+    drop_keys: the "dropkey" policy."""
+    block, drop_scale = (block_m, block_n), _drop_scale(p, drop_keys)
     if not dispatch.use_kernels(q):
-        return attention_reference.forward(q, k, v, attn_mask, tiles, block, p, is_causal, scale)
-    return attention_forward(q, k, v, tiles, block, drop_scale, scale, attn_mask, is_causal, allow_tf32())
+        return attention_reference.forward(q, k, v, attn_mask, tiles, block, p, is_causal, scale, drop_keys)
+    args = (q, k, v, tiles, block, drop_scale, scale, attn_mask, is_causal, allow_tf32())
+    return attention_forward(*args, drop_keys=drop_keys)
 
 
 @torch.library.triton_op("slicecompile::block_dropout_attention_backward", mutates_args=())
@@ -112,32 +172,39 @@ def block_dropout_attention_backward(
     is_causal: bool,
     scale: float,
     mask_grad: bool,
+    drop_keys: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d_attn_mask); d_attn_mask is empty unless mask_grad."""
-    block, drop_scale = (block_m, block_n), 1.0 / (1.0 - p)
+    block, drop_scale = (block_m, block_n), _drop_scale(p, drop_keys)
     if not dispatch.use_kernels(q):
-        args = (grad_out, q, k, v, out, lse, attn_mask, tiles, block, p, is_causal, scale, mask_grad)
+        args = (grad_out, q, k, v, out, lse, attn_mask, tiles, block, p, is_causal, scale, mask_grad, drop_keys)
         dq, dk, dv, d_mask = attention_reference.backward(*args)
     else:
         args = (grad_out, q, k, v, out, lse, tiles, block, drop_scale, scale, attn_mask, is_causal, mask_grad)
-        dq, dk, dv, d_mask = attention_backward(*args, allow_tf32=allow_tf32())
+        dq, dk, dv, d_mask = attention_backward(*args, allow_tf32=allow_tf32(), drop_keys=drop_keys)
     return dq, dk, dv, q.new_empty(0) if d_mask is None else d_mask
 
 
+def _drop_scale(p, drop_keys):
+    """What multiplies the kept probabilities: none under drop_keys (the softmax saw the drop)."""
+    return 1.0 if drop_keys else 1.0 / (1.0 - p)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, tiles, block_m, block_n, p, is_causal, scale = inputs
+    q, k, v, attn_mask, tiles, block_m, block_n, p, is_causal, scale, drop_keys = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, tiles)
     ctx.mask_args = (block_m, block_n, p, is_causal, scale)
+    ctx.drop_keys = drop_keys
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, attn_mask, tiles = ctx.saved_tensors
     mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
-    args = (grad_out, q, k, v, out, lse, attn_mask, tiles, *ctx.mask_args, mask_grad)
+    args = (grad_out, q, k, v, out, lse, attn_mask, tiles, *ctx.mask_args, mask_grad, ctx.drop_keys)
     dq, dk, dv, d_mask = block_dropout_attention_backward(*args)
-    return dq, dk, dv, d_mask if mask_grad else None, None, None, None, None, None, None
+    return dq, dk, dv, d_mask if mask_grad else None, None, None, None, None, None, None, None
 
 
 block_dropout_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -154,25 +221,28 @@ def dropout_attention(
     enable_gqa=False,
     block=DEFAULT_ATTENTION_BLOCK,
     training=True,
+    policy="dropout",
 ):
     """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
     enable_gqa) with block dropout: whole (BM, BN) = block tiles of each (query, key) plane of
-    the probabilities kept or dropped, kept ones scaled by 1 / (1 - dropout_p). q (B, H, Lq, E),
+    the probabilities kept or dropped, kept ones scaled by 1 / (1 - dropout_p); or under
+    policy="dropkey", of the keys before the softmax, with no rescale. q (B, H, Lq, E),
     k (B, Hk, Lk, E), v (B, Hk, Lk, Ev), or the same without B (then the mask has batch 1).
     training=False or dropout_p = 0 is exactly SDPA; so is an empty input."""
     check_p(dropout_p)
     block = check_block(block)
+    check_attention_policy(policy)
     q, k, v, attn_mask = _check_inputs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     if not training or dropout_p == 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
-    batch = q.shape[0] if q.dim() == 4 else 1
-    mask = draw_attention_mask(batch, q.shape[-3], q.shape[-2], k.shape[-2], dropout_p, block, device=q.device)
+    plane = (q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2])
+    mask = draw_attention_mask(*plane, dropout_p, block, device=q.device, policy=policy, is_causal=is_causal)
     return _under_mask(q, k, v, mask, attn_mask, is_causal, scale, enable_gqa)
 
 
 def dropout_attention_with_mask(q, k, v, mask, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
     """dropout_attention under an explicit AttentionMask (from draw_attention_mask over (B, H,
-    Lq, Lk); B = 1 for 3-D inputs)."""
+    Lq, Lk); B = 1 for 3-D inputs), under the mask's policy."""
     q, k, v, attn_mask = _check_inputs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     if not isinstance(mask, AttentionMask):
         raise TypeError(f"mask must be an AttentionMask, got {type(mask).__name__}")
@@ -193,7 +263,8 @@ def _under_mask(q, k, v, mask, attn_mask, is_causal, scale, enable_gqa):
     if squeeze:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = block_dropout_attention(q, k, v, attn_mask, mask.tiles, *mask.block, mask.p, bool(is_causal), scale)
+    args = (q, k, v, attn_mask, mask.tiles, *mask.block, mask.p, bool(is_causal), scale, mask.policy == "dropkey")
+    out, _ = block_dropout_attention(*args)
     return out.squeeze(0) if squeeze else out
 
 

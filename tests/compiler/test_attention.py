@@ -2,7 +2,8 @@
 @ v, the attention_dropout row) and F.scaled_dot_product_attention with dropout_p (sdpa_dropout)
 become the fused block-dropout attention. Forward and gradients equal the dense reference under
 the tile mask the compiled graph drew (Inductor's fallback_random draws it with eager's
-generator, after the same torch.manual_seed); what cannot be fused keeps its reason."""
+generator, after the same torch.manual_seed); what cannot be fused keeps its reason. Under
+options={"attention": "dropkey"} every kind of site runs the DropKey policy."""
 
 import math
 
@@ -13,12 +14,13 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
-from slicecompile import draw_attention_mask, dropout_attention_reference, explain
+from slicecompile import draw_attention_mask, dropout_attention, dropout_attention_reference, explain
 
 from tolerance import assert_close
 
 P, BLOCK = 0.5, (16, 16)
 OPTIONS = {"block": BLOCK, "min_gemm_size": 0, "fallback_random": True}
+DROPKEY = {**OPTIONS, "attention": "dropkey"}
 
 
 def causal_keep(lq, lk):
@@ -71,11 +73,11 @@ class Sdpa(nn.Module):
         return dropout_attention_reference(q, k, v, mask, attn_mask=attn_mask, is_causal=self.is_causal)
 
 
-def check_step(model, shapes, compiled=None, extra=()):
+def check_step(model, shapes, compiled=None, extra=(), options=OPTIONS):
     """A compiled forward + backward against the float64 reference under the mask the compiled
     graph drew; extra: more differentiable inputs (an additive mask with a gradient)."""
     if compiled is None:
-        compiled = torch.compile(model, backend="slicecompile", options=OPTIONS, fullgraph=True)
+        compiled = torch.compile(model, backend="slicecompile", options=options, fullgraph=True)
     leaves = [torch.randn(shape, requires_grad=True) for shape in shapes] + list(extra)
     torch.manual_seed(7)
     out = compiled(*leaves)
@@ -84,7 +86,8 @@ def check_step(model, shapes, compiled=None, extra=()):
     q, k = leaves[0], leaves[1]
     plane = (q.shape[0], q.shape[1]) if q.dim() == 4 else (1, q.shape[0])
     torch.manual_seed(7)
-    mask = draw_attention_mask(*plane, q.shape[-2], k.shape[-2], P, BLOCK)
+    policy, is_causal = options.get("attention", "dropout"), getattr(model, "is_causal", False)
+    mask = draw_attention_mask(*plane, q.shape[-2], k.shape[-2], P, BLOCK, policy=policy, is_causal=is_causal)
     refs = {}
     for dtype in (torch.float64, torch.float32):
         inputs = [t.detach().to(dtype).requires_grad_() for t in leaves]
@@ -238,3 +241,46 @@ def test_explain_counts_the_skipped_attention_gemms():
     (site,) = explain(Sdpa(), q, q, v, options=OPTIONS).sites
     assert site.gemms == ((240, 16, 40), (240, 40, 8))
     assert site.saved_flops == round(P * 6 * 240 * 40 * 8)
+
+
+DROPKEY_SITES = {
+    "causal sdpa": (lambda: Sdpa(is_causal=True), [(1, 2, 40, 16), (1, 2, 24, 16), (1, 2, 24, 16)], "sdpa_dropout"),
+    "eager": (lambda: EagerAttention("div", "masked_fill"), [(2, 2, 40, 16)] * 3, "attention_dropout"),
+}
+
+
+@pytest.mark.parametrize("case", DROPKEY_SITES.values(), ids=DROPKEY_SITES.keys())
+def test_dropkey_option_rewrites_attention_under_that_policy(case):
+    """The site says its policy (explain's policy column), and the compiled step is the DropKey
+    reference under the mask the compiled graph drew."""
+    make, shapes, pattern = case
+    report = explain(make(), *(torch.randn(shape) for shape in shapes), options=DROPKEY)
+    (site,) = report.sites
+    assert (site.pattern, site.policy, site.rewritten) == (pattern, "dropkey", True), str(report)
+    assert str(report).splitlines()[2].split()[-5:] == ["attention", "dropkey", "-", "yes", "rewritten"]
+    check_step(make(), shapes, options=DROPKEY)
+    assert counters["slicecompile"][f"rewritten_{pattern}"] == 1
+
+
+def test_multihead_attention_under_dropkey(monkeypatch):
+    """nn.MultiheadAttention's SDPA call runs the op under the policy: the compiled step equals
+    the eager module with SDPA replaced by dropout_attention(..., policy="dropkey")."""
+    model, x = TorchAttention(need_weights=False), torch.randn(2, 24, 32)
+    (site,) = explain(model, x, options=DROPKEY).sites
+    assert (site.policy, site.rewritten) == ("dropkey", True)
+    torch.manual_seed(7)
+    compiled = torch.compile(model, backend="slicecompile", options=DROPKEY)(x)
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return dropout_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, BLOCK, policy="dropkey")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    torch.manual_seed(7)
+    torch.testing.assert_close(compiled, model(x))
+
+
+def test_dropkey_skips_every_gemm_of_a_dropped_tile():
+    """explain's saving under DropKey: a share p of all six GEMMs (q kᵀ, dQ and dK too)."""
+    q, v = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 8)
+    (site,) = explain(Sdpa(), q, q, v, options=DROPKEY).sites
+    assert site.saved_flops == round(P * site.dense_flops) == round(P * 6 * 240 * 40 * (16 + 8))

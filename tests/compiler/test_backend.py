@@ -385,6 +385,7 @@ def test_unknown_option_lists_the_known_ones():
         ({"output_side": 0}, "output_side must be a bool"),
         ({"input_side": None}, "input_side must be a bool"),
         ({"samples_per_group": 0}, "samples_per_group must be a positive int"),
+        ({"attention": "dropconnect"}, "unknown attention policy 'dropconnect'.*known policies: dropout, dropkey"),
     ],
 )
 def test_bad_option_values(options, error):

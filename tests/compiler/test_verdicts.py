@@ -137,6 +137,16 @@ def test_untimed_devices_rewrite_as_always(monkeypatch):
     assert site.rewritten and site.timing is None
 
 
+def test_dropkey_attention_is_rewritten_untimed(timed):
+    """attention="dropkey" is the user's choice of regulariser: never traded for Inductor's element
+    dropout by a timing (leaving it would train a different model, differently on each GPU)."""
+    timed.times = (2.0, 1.0)  # would be left to Inductor if timed
+    q, k, v = torch.randn(2, 2, 24, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 8)
+    site = only_site(Attention(), q, k, v, attention="dropkey")
+    assert site.rewritten and site.timing is None and not timed.asked
+    assert not only_site(Attention(), q, k, v).rewritten, "the default policy is timed"
+
+
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="unknown rewrite mode 'sometimes'; known modes: auto, always"):
         parse_options({"rewrite": "sometimes"})

@@ -1,13 +1,16 @@
 """dropout_attention against the dense reference under the same tile mask: forward and every
 gradient, the mask's distribution and unbiasedness, what backward saves, reproducibility,
-eval / p = 0, torch.compile, checkpointing, empty and bad inputs."""
+eval / p = 0, torch.compile, checkpointing, empty and bad inputs; then the "dropkey" policy:
+its reference against the definition written out, the op against the reference, the tile kept
+in each block-row, p honoured, reproducibility."""
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils.checkpoint import checkpoint
@@ -58,8 +61,12 @@ def op_magnitudes(leaves, mask, attn_mask, is_causal, grad, scale):
     (_, _, Lq, E), (_, Hk, Lk, Ev), group = q.shape, v.shape, q.shape[1] // v.shape[1]
     k_all, v_all = k.abs().repeat_interleave(group, 1), v.abs().repeat_interleave(group, 1)
     wide_mask = attn_mask if attn_mask is None or not attn_mask.is_floating_point() else attn_mask.detach().double()
-    probs = attention_reference.probabilities(attention_reference.scores(q, k, wide_mask, is_causal, scale))
-    keep = mask.elements() * mask.scale
+    scores = attention_reference.scores(q, k, wide_mask, is_causal, scale)
+    if mask.policy == "dropkey":  # P over the kept keys, nothing rescaled
+        scores, keep = scores.masked_fill(~mask.elements(), float("-inf")), 1.0
+    else:
+        keep = mask.elements() * mask.scale
+    probs = attention_reference.probabilities(scores)
     out = probs * keep @ v_all
     ds = probs * ((grad @ v_all.transpose(-1, -2)) * keep + (grad * out).sum(-1, True))
     per_group = lambda t: t.reshape(t.shape[0], Hk, group, *t.shape[2:]).sum(2)  # noqa: E731
@@ -134,12 +141,13 @@ def test_three_dimensional_inputs_and_explicit_scale():
     assert out.shape == (2, 40, 16)
 
 
-def test_reference_path_matches_kernels(monkeypatch):
+@pytest.mark.parametrize("policy", ["dropout", "dropkey"])
+def test_reference_path_matches_kernels(monkeypatch, policy):
     """The pure-PyTorch path (CPU tensors without the interpreter) gives the kernels' results."""
     torch.manual_seed(0)
     leaves = inputs(2, 2, 1, 50, 40, 16, 32)
     bias = torch.randn(50, 40, device=DEVICE, requires_grad=True)
-    mask = draw_attention_mask(2, 2, 50, 40, 0.5, (32, 32), device=DEVICE)
+    mask = draw_attention_mask(2, 2, 50, 40, 0.5, (32, 32), device=DEVICE, policy=policy, is_causal=True)
     grad = torch.randn(2, 2, 50, 32, device=DEVICE)
     results = []
     for kernels in (True, False):
@@ -306,17 +314,18 @@ def test_checkpoint_recompute_reuses_the_mask():
 OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
-def test_opcheck():
+@pytest.mark.parametrize("drop_keys", [False, True])
+def test_opcheck(drop_keys):
     torch.manual_seed(0)
     q, k, v = inputs(1, 2, 1, 20, 24, 16, 16)
     bias = torch.randn(20, 24, device=DEVICE, requires_grad=True)
     mask = draw_attention_mask(1, 2, 20, 24, 0.5, (16, 16), device=DEVICE)
     ops = torch.ops.slicecompile
-    args = (q, k, v, bias, mask.tiles, 16, 16, 0.5, True, 0.25)
+    args = (q, k, v, bias, mask.tiles, 16, 16, 0.5, True, 0.25, drop_keys)
     torch.library.opcheck(ops.block_dropout_attention.default, args, test_utils=OPCHECKS)
     out, lse = ops.block_dropout_attention(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
     grad_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, bias.detach(), mask.tiles)
-    backward_args = (*grad_args, 16, 16, 0.5, True, 0.25, True)
+    backward_args = (*grad_args, 16, 16, 0.5, True, 0.25, True, drop_keys)
     torch.library.opcheck(ops.block_dropout_attention_backward.default, backward_args, test_utils=OPCHECKS)
 
 
@@ -431,3 +440,190 @@ def test_inductor_launches_the_kernels():
     compiled = forward_and_grads(torch.compile(fn, fullgraph=True), leaves, grad)
     for a, b in zip(compiled, forward_and_grads(fn, leaves, grad)):
         torch.testing.assert_close(a, b)
+
+
+# DropKey (policy="dropkey"): tiles of keys dropped before the softmax, nothing rescaled.
+
+FORCED_P = 1 - 1e-6  # every drawn tile dropped (for these seeds): only the forced ones are kept
+
+
+def dropkey_definition(q, k, v, tiles, block, attn_mask=None, is_causal=False):
+    """DropKey written out, query row by query row: the softmax of q·k / √E over the keys the row
+    sees (causal, a boolean attn_mask) whose tile is kept, then the weighted sum of their values;
+    zeros for a row that sees none. (B, H, Lq, E) inputs, k and v heads shared by groups."""
+    (B, H, Lq, E), Lk, group = q.shape, k.shape[2], q.shape[1] // k.shape[1]
+    kept = tiles.repeat_interleave(block[0], 2)[:, :, :Lq].repeat_interleave(block[1], 3)[..., :Lk]
+    out = q.new_zeros(B, H, Lq, v.shape[-1])
+    for b, h, i in itertools.product(range(B), range(H), range(Lq)):
+        keys = kept[b, h, i] & (torch.arange(Lk) <= i if is_causal else True)
+        keys = keys & (attn_mask[i] if attn_mask is not None else True)
+        if keys.any():
+            weights = (k[b, h // group, keys] @ q[b, h, i] * E**-0.5).softmax(0)
+            out[b, h, i] = weights @ v[b, h // group, keys]
+    return out
+
+
+def visible_tiles(rows, cols, block, is_causal):
+    """(rows, cols) bool: the tiles whose first key a block-row's first query sees (so every
+    query of the block sees a key of them), under top-left causal masking; all tiles otherwise."""
+    if not is_causal:
+        return torch.ones(rows, cols, dtype=torch.bool)
+    return torch.arange(cols) * block[1] <= torch.arange(rows)[:, None] * block[0]
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Lq, Lk", [(40, 24), (24, 40), (33, 33)])
+def test_dropkey_reference_is_the_definition(Lq, Lk, is_causal):
+    torch.manual_seed(0)
+    q, k, v = (t.detach().double() for t in inputs(2, 4, 2, Lq, Lk, 16, 8))
+    attn_mask = torch.rand(Lq, Lk) > 0.2
+    mask = draw_attention_mask(2, 4, Lq, Lk, 0.6, (16, 16), policy="dropkey", is_causal=is_causal)
+    expected = dropkey_definition(q, k, v, mask.tiles, mask.block, attn_mask, is_causal)
+    actual = dropout_attention_reference(q, k, v, mask, attn_mask, is_causal, enable_gqa=True)
+    torch.testing.assert_close(actual, expected)
+    assert mask.scale == 1.0 and mask.policy == "dropkey"
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_dropkey_reference_backward_is_its_forwards_gradient(is_causal):
+    """forward and backward (what the op runs without the kernels) under drop_keys: the output of
+    the definition, and the gradients autograd takes of it from the log-sum-exp over kept keys;
+    dS, so the additive mask's gradient, is zero on dropped tiles."""
+    torch.manual_seed(0)
+    q, k, v = (t.detach().double().requires_grad_() for t in inputs(1, 2, 1, 40, 48, 16, 8))
+    bias = torch.randn(2, 40, 48, dtype=torch.float64, requires_grad=True)  # one per head
+    mask = draw_attention_mask(1, 2, 40, 48, 0.5, (16, 16), policy="dropkey", is_causal=is_causal)
+    expected = dropout_attention_reference(q, k, v, mask, bias, is_causal, 0.3, enable_gqa=True)
+    grad = torch.randn_like(expected)
+    args = (q, k, v, bias, mask.tiles, mask.block, mask.p, is_causal, 0.3)
+    with torch.no_grad():
+        out, lse = attention_reference.forward(*args, drop_keys=True)
+        grads = attention_reference.backward(grad, *args[:3], out, lse, *args[3:], True, drop_keys=True)
+    torch.testing.assert_close(out, expected)
+    for actual, wanted in zip(grads, torch.autograd.grad(expected, (q, k, v, bias), grad)):
+        # P is recomputed in float32 from the float32 log-sum-exp, as the kernels do: float32's tolerance
+        torch.testing.assert_close(actual.float(), wanted.float())
+    assert (grads[3][~mask.elements()[0]] == 0).all()
+
+
+# Half the profile's examples (10 in CI): the kernels' paths are test_matches_reference's.
+@settings(max_examples=max(1, settings.default.max_examples // 2))
+@given(
+    B=st.integers(1, 2),
+    heads=st.sampled_from([(1, 1), (2, 1)]),
+    Lq=st.integers(1, 40),
+    Lk=st.integers(1, 40),
+    is_causal=st.booleans(),
+    mask_kind=st.sampled_from(["none", "bool", "additive with grad"]),
+    dtype=dtypes,
+    p=st.sampled_from([0.3, 0.8]),
+    block=st.tuples(st.sampled_from([32, 64]), st.sampled_from([32, 64])),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_dropkey_matches_reference(B, heads, Lq, Lk, is_causal, mask_kind, dtype, p, block, seed):
+    torch.manual_seed(seed)
+    (H, Hk) = heads
+    leaves = inputs(B, H, Hk, Lq, Lk, 16, 16, dtype)
+    attn_mask = None
+    if mask_kind == "bool":
+        attn_mask = torch.rand(Lq, Lk, device=DEVICE) > 0.25
+    elif mask_kind == "additive with grad":
+        attn_mask = torch.randn(H, Lq, 1, device=DEVICE).to(dtype).requires_grad_()
+        leaves.append(attn_mask)
+    mask = draw_attention_mask(B, H, Lq, Lk, p, block, device=DEVICE, policy="dropkey", is_causal=is_causal)
+    check_against_reference(leaves, mask, attn_mask, is_causal)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Lq, Lk, block", [(100, 70, (16, 32)), (70, 100, (32, 16)), (64, 64, (16, 16))])
+def test_dropkey_keeps_one_visible_tile_in_each_block_row(Lq, Lk, block, is_causal):
+    """A block-row none of whose drawn tiles its queries all see keeps one more (causal: the
+    diagonal tile, holding key i·BM, or the last; otherwise its largest draw); every other tile
+    is as drawn, so p is honoured as closely as the rule allows. Every query row sees a key."""
+    rows, cols = -(-Lq // block[0]), -(-Lk // block[1])
+    visible = visible_tiles(rows, cols, block, is_causal)
+    diagonal = torch.arange(cols) == (torch.arange(rows)[:, None] * block[0] // block[1]).clamp(max=cols - 1)
+    for p in (0.7, FORCED_P):
+        torch.manual_seed(1)
+        uniform = torch.rand(2, 3, rows, cols, device=DEVICE)
+        torch.manual_seed(1)
+        tiles = draw_attention_mask(2, 3, Lq, Lk, p, block, device=DEVICE, policy="dropkey", is_causal=is_causal).tiles
+        drawn, chosen = uniform >= p, diagonal if is_causal else uniform == uniform.amax(-1, keepdim=True)
+        blind = ~(drawn & visible).any(-1, keepdim=True)
+        assert torch.equal(tiles, drawn | (chosen & blind))
+        assert (tiles & visible).any(-1).all()
+        if p == FORCED_P:
+            assert torch.equal(tiles, chosen.expand_as(tiles)), "p close to 1: the forced tile alone"
+    q, k, v = (torch.randn(2, 3, length, 16, device=DEVICE) for length in (Lq, Lk, Lk))
+    mask = draw_attention_mask(2, 3, Lq, Lk, FORCED_P, block, device=DEVICE, policy="dropkey", is_causal=is_causal)
+    _, lse = attention_reference.forward(q, k, v, None, mask.tiles, block, mask.p, is_causal, 0.25, drop_keys=True)
+    assert torch.isfinite(lse).all(), "every query row sees a kept key"
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_dropkey_honours_p_in_expectation(is_causal):
+    """Each tile is kept with probability 1 - p, plus a block-row's forced tile when none of its
+    n visible tiles was drawn (probability p^n): E[kept tiles in a row] = cols (1 - p) + p^n.
+    Tiles no block-row may be forced to keep (right of the diagonal) keep exactly 1 - p."""
+    torch.manual_seed(0)
+    p, draws, block, (rows, cols) = 0.5, 4000, (16, 16), (4, 3)
+    tiles = draw_attention_mask(draws, 1, 64, 48, p, block, device=DEVICE, policy="dropkey", is_causal=is_causal).tiles
+    counts = tiles[:, 0].sum(-1).double()  # (draws, rows)
+    visible = visible_tiles(rows, cols, block, is_causal).sum(-1).double()
+    expected = cols * (1 - p) + p**visible
+    sigma = counts.std(0) / math.sqrt(draws)
+    assert ((counts.mean(0) - expected).abs() <= 5 * sigma).all(), (counts.mean(0), expected)
+    if is_causal:
+        rate = tiles[:, 0, 0, 1:].double().mean().item()  # block-row 0 sees tile 0 only
+        assert abs(rate - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / (2 * draws))
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_dropkey_mask_compiles_once_with_dynamic_sizes(is_causal):
+    """The rule is torch ops on symbolic sizes: one graph for two lengths, the eager tables."""
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def draw(q):
+        return draw_attention_mask(*q.shape, 0.7, 16, device=q.device, policy="dropkey", is_causal=is_causal).tiles
+
+    compiled = torch.compile(draw, backend=counter, fullgraph=True, dynamic=True)
+    for length in (40, 72):
+        q = torch.empty(2, 3, length, 56, device=DEVICE)
+        torch.manual_seed(0)
+        tiles = compiled(q)
+        torch.manual_seed(0)
+        assert torch.equal(tiles, draw(q))
+    assert counter.frame_count == 1
+
+
+def test_dropkey_seed_reproduces_the_op_and_its_mask():
+    q, k, v = (t.detach() for t in inputs(1, 2, 2, 40, 40, 16, 16))
+    run = lambda: dropout_attention(q, k, v, dropout_p=0.6, is_causal=True, block=(16, 32), policy="dropkey")  # noqa: E731
+    torch.manual_seed(3)
+    out = run()
+    torch.manual_seed(3)
+    mask = draw_attention_mask(1, 2, 40, 40, 0.6, (16, 32), device=DEVICE, policy="dropkey", is_causal=True)
+    torch.manual_seed(3)
+    assert torch.equal(out, run())
+    assert torch.equal(out, dropout_attention_with_mask(q, k, v, mask, is_causal=True))
+    assert not torch.equal(out, run()), "the next draw differs"
+
+
+def test_dropkey_in_eval_or_at_p_zero_is_sdpa():
+    q, k, v = (t.detach() for t in inputs(1, 2, 2, 20, 30, 16, 16))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for p, training in ((0.5, False), (0.0, True)):
+        assert torch.equal(dropout_attention(q, k, v, None, p, True, training=training, policy="dropkey"), expected)
+
+
+def test_unknown_policies_raise():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    match = "unknown attention policy 'dropconnect'; known policies: dropout, dropkey"
+    with pytest.raises(ValueError, match=match):
+        dropout_attention(q, q, q, dropout_p=0.5, policy="dropconnect")
+    with pytest.raises(ValueError, match=match):
+        draw_attention_mask(1, 2, 8, 8, 0.5, 16, policy="dropconnect")
+    with pytest.raises(ValueError, match=match):
+        AttentionMask(torch.ones(1, 2, 1, 1, dtype=torch.bool), (1, 2, 8, 8), (16, 16), 0.5, "dropconnect")
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        draw_attention_mask(1, 2, 8, 8, 0.5, 16, policy="dropkey", is_causal=1)
