@@ -40,15 +40,17 @@ def attn_mask_of(kind, shape, B, H, Lq, Lk, dtype):
     return torch.randn(sizes, device=DEVICE).to(dtype).requires_grad_(kind == "additive with grad")
 
 
-def run_kernels(q, k, v, mask, attn_mask, is_causal, grad, scale=None, configs=(None, None, None)):
-    """[out, dq, dk, dv(, d_attn_mask)] from the launchers (d_attn_mask when attn_mask requires grad)."""
+def run_kernels(q, k, v, mask, attn_mask, is_causal, grad, scale=None, configs=(None, None, None), tma=None):
+    """[out, dq, dk, dv(, d_attn_mask)] from the launchers (d_attn_mask when attn_mask requires grad),
+    under mask's policy; tma: the launchers' TMA switch (None: the environment's choice)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask_grad = attn_mask is not None and attn_mask.requires_grad
     detached = None if attn_mask is None else attn_mask.detach()
     common = (mask.tiles, mask.block, mask.scale, scale)
-    out, lse = attention_forward(q, k, v, *common, detached, is_causal, config=configs[0])
+    paths = dict(drop_keys=mask.policy == "dropkey", tma=tma)
+    out, lse = attention_forward(q, k, v, *common, detached, is_causal, config=configs[0], **paths)
     grads = attention_backward(
-        grad, q, k, v, out, lse, *common, detached, is_causal, mask_grad=mask_grad, configs=configs[1:]
+        grad, q, k, v, out, lse, *common, detached, is_causal, mask_grad=mask_grad, configs=configs[1:], **paths
     )
     return [out, *grads[:3]] + ([grads[3]] if mask_grad else [])
 
@@ -81,7 +83,10 @@ def magnitudes(q, k, v, mask, attn_mask, is_causal, grad, scale=None):
         attn_mask = attn_mask.detach().double()
     (_, _, Lq, E), (_, Hk, Lk, Ev), group = q.shape, v.shape, q.shape[1] // v.shape[1]
     k_all, v_all = k.abs().repeat_interleave(group, 1), v.abs().repeat_interleave(group, 1)
-    kept = attention_reference.probabilities(attention_reference.scores(q, k, attn_mask, is_causal, scale))
+    s = attention_reference.scores(q, k, attn_mask, is_causal, scale)
+    if mask.policy == "dropkey":
+        s = s.masked_fill(~mask.elements(), float("-inf"))
+    kept = attention_reference.probabilities(s)
     kept = kept * mask.elements() * mask.scale
     probs = kept / mask.scale
     out = kept @ v_all
@@ -101,9 +106,9 @@ def magnitudes(q, k, v, mask, attn_mask, is_causal, grad, scale=None):
     return result
 
 
-def check_kernels(q, k, v, mask, attn_mask, is_causal, scale=None, configs=(None, None, None)):
+def check_kernels(q, k, v, mask, attn_mask, is_causal, scale=None, configs=(None, None, None), tma=None):
     grad = torch.randn(*q.shape[:3], v.shape[-1], device=DEVICE).to(q.dtype)
-    actual = run_kernels(q, k, v, mask, attn_mask, is_causal, grad, scale, configs)
+    actual = run_kernels(q, k, v, mask, attn_mask, is_causal, grad, scale, configs, tma)
     wide = run_reference(q, k, v, mask, attn_mask, is_causal, grad, torch.float64, scale)
     same = run_reference(q, k, v, mask, attn_mask, is_causal, grad, q.dtype, scale)
     bounds = magnitudes(q, k, v, mask, attn_mask, is_causal, grad, scale)
@@ -132,16 +137,24 @@ def qkv(B, H, Hk, Lq, Lk, E, Ev, dtype):
     dtype=dtypes,
     p=st.sampled_from([0.0, 0.3, 0.7]),
     block=st.tuples(st.sampled_from([16, 32, 64]), st.sampled_from([32, 64])),
+    policy=st.sampled_from(["dropout", "dropkey"]),
+    tma=st.sampled_from([None, True]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_kernels_match_reference(B, heads, Lq, Lk, head_dims, is_causal, mask_kind, mask_shape, dtype, p, block, seed):
+def test_kernels_match_reference(
+    B, heads, Lq, Lk, head_dims, is_causal, mask_kind, mask_shape, dtype, p, block, policy, tma, seed
+):
     """Forward and every gradient (the additive mask's too) on ragged lengths, head dims 16-64
-    (E != Ev included), causal or not, both mask kinds, grouped-query attention, every dtype."""
+    (E != Ev included), causal or not, both mask kinds, grouped-query attention, every dtype, both
+    policies, through pointers and through tensor-memory-accelerator descriptors (the interpreter
+    runs both; on a GPU without the accelerator tma=True is skipped)."""
+    tma = tma and (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9) or None
     torch.manual_seed(seed)
     (H, Hk), (E, Ev) = heads, head_dims
     q, k, v = qkv(B, H, Hk, Lq, Lk, E, Ev, dtype)
     attn_mask = attn_mask_of(mask_kind, mask_shape, B, H, Lq, Lk, dtype)
-    check_kernels(q, k, v, draw_attention_mask(B, H, Lq, Lk, p, block, device=DEVICE), attn_mask, is_causal)
+    mask = draw_attention_mask(B, H, Lq, Lk, p, block, device=DEVICE, policy=policy, is_causal=is_causal)
+    check_kernels(q, k, v, mask, attn_mask, is_causal, tma=tma)
 
 
 @pytest.mark.parametrize("E, Ev", [(128, 128), (256, 256), (128, 64)])
@@ -165,6 +178,55 @@ def test_kernel_tiles_look_up_the_semantic_tile_they_lie_in():
     block_tiles = check_kernels(q, k, v, mask, bool_mask, False)
     for a, b in zip(small_tiles, block_tiles):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("policy", ["dropout", "dropkey"])
+@pytest.mark.parametrize("Lq, Lk", [(80, 56), (40, 96)])
+def test_causal_loops_split_at_the_diagonal(Lq, Lk, policy):
+    """Kernel tiles of (16, 16) under a (32, 64) semantic block: the key loops' split between tiles
+    wholly left of the diagonal (no per-element test) and the diagonal and ragged ones falls inside
+    semantic tiles and past the shorter length, through pointers and descriptors alike."""
+    torch.manual_seed(4)
+    q, k, v = qkv(1, 2, 1, Lq, Lk, 32, 16, torch.float32)
+    mask = draw_attention_mask(1, 2, Lq, Lk, 0.4, (32, 64), device=DEVICE, policy=policy, is_causal=True)
+    small = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    for tma in (False, True):
+        torch.manual_seed(5)
+        check_kernels(q, k, v, mask, None, True, configs=(small, small, small), tma=tma or None)
+
+
+@pytest.mark.parametrize("policy", ["dropout", "dropkey"])
+def test_dropped_tiles_are_never_read(policy):
+    """NaN in the values (and, under drop-keys, the keys) of a key tile every query tile drops
+    never reaches the results: the kernels skip loading them, they do not multiply them by zero."""
+    torch.manual_seed(6)
+    q, k, v = qkv(1, 1, 1, 64, 96, 16, 16, torch.float32)
+    mask = draw_attention_mask(1, 1, 64, 96, 0.0, (32, 32), device=DEVICE, policy=policy)
+    tiles = mask.tiles.clone()
+    tiles[..., 1] = False
+    mask = dataclasses.replace(mask, tiles=tiles)
+    v[:, :, 32:64] = float("nan")
+    if policy == "dropkey":
+        k[:, :, 32:64] = float("nan")
+    grad = torch.randn(1, 1, 64, 16, device=DEVICE)
+    results = run_kernels(q, k, v, mask, None, False, grad)
+    expected = run_reference(q, k.nan_to_num(0.0), v.nan_to_num(0.0), mask, None, False, grad, torch.float64)
+    for what, actual, wide in zip(["out", "dq", "dk", "dv"], results, expected):
+        assert torch.isfinite(actual).all(), what
+        torch.testing.assert_close(actual.double(), wide, rtol=1e-4, atol=1e-5, msg=what)
+
+
+def test_kernel_paths_reject_what_they_cannot_read():
+    q, k, v = qkv(1, 2, 2, 32, 32, 16, 16, torch.float32)
+    mask = draw_attention_mask(1, 2, 32, 32, 0.5, (32, 32), device=DEVICE)
+    fwd = lambda *a, **kw: attention_forward(*a, mask.tiles, mask.block, 2.0, 0.25, **kw)  # noqa: E731
+    odd = torch.randn(1, 2, 32, 17, device=DEVICE)[..., :16]  # rows of 17 floats: not 16-byte aligned
+    with pytest.raises(ValueError, match="tensor memory accelerator"):
+        fwd(odd, k, v, tma=True)
+    with pytest.raises(ValueError, match="needs the TMA path"):
+        fwd(q, k, v, tma=False, warp_specialize=True)
+    out, _ = fwd(odd, k, v)  # left to the environment's choice: pointers, whatever it says
+    torch.testing.assert_close(out, fwd(odd.contiguous(), k, v, tma=False)[0])
 
 
 def test_kernel_tiles_must_divide_the_semantic_block():
