@@ -66,8 +66,8 @@ def kernel_paths(tensors, tma, warp_specialize):
     """dict(TMA=, WARP_SPECIALIZE=): how the kernels read q, k, v (and dO). tma=None reads the
     SLICECOMPILE_ATTENTION_TMA environment variable ("1": on where the operands allow it), True
     insists (ValueError when they cannot be read that way), False never. warp_specialize=None reads
-    SLICECOMPILE_ATTENTION_WS; it needs the TMA path. Both are off by default until a GPU run of
-    the attention tests has checked them."""
+    SLICECOMPILE_ATTENTION_WS, which applies only where the TMA path runs; True needs that path.
+    Both are off by default until a GPU run of the attention tests has checked them."""
     if tma is None:
         tma = os.environ.get("SLICECOMPILE_ATTENTION_TMA", "0") == "1" and all(map(_tma_readable, tensors))
     elif tma and not all(map(_tma_readable, tensors)):
@@ -76,7 +76,7 @@ def kernel_paths(tensors, tma, warp_specialize):
             "along the head dim and its other strides and start aligned to 16 bytes"
         )
     if warp_specialize is None:
-        warp_specialize = os.environ.get("SLICECOMPILE_ATTENTION_WS", "0") == "1"
+        warp_specialize = tma and os.environ.get("SLICECOMPILE_ATTENTION_WS", "0") == "1"
     if warp_specialize and not tma:
         raise ValueError("warp specialisation of the attention kernels needs the TMA path")
     if tma and tensors[0].is_cuda:

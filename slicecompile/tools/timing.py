@@ -7,7 +7,8 @@ import time
 import torch
 
 
-def median_ms(fn, device, grad_to_none=None, rep_ms=200):
+def median_ms(fn, device, grad_to_none=None, rep_ms=200, min_samples=3):
+    """On a CPU: at least min_samples timed calls, and as many as fit in rep_ms."""
     if torch.device(device).type == "cuda":
         from triton.testing import do_bench
 
@@ -15,7 +16,7 @@ def median_ms(fn, device, grad_to_none=None, rep_ms=200):
     fn()  # warm-up
     samples = []
     deadline = time.perf_counter() + rep_ms / 1000
-    while len(samples) < 3 or time.perf_counter() < deadline:
+    while len(samples) < min_samples or time.perf_counter() < deadline:
         for t in grad_to_none or ():
             t.grad = None
         start = time.perf_counter()
