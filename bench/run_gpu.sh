@@ -125,4 +125,4 @@ for part in $parts; do
       python3 bench/bench_lm_step.py 2>&1 | tee "$out/bench_lm_step.log" ;;
   esac
 done
-cp bench/results/*.csv "$out/" 2>/dev/null || true
+find bench/results -maxdepth 1 -name "*.csv" -newer "$out/gpu.txt" -exec cp {} "$out/" \; 2>/dev/null || true  # the CSVs this run wrote

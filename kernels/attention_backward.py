@@ -160,7 +160,7 @@ def attention_backward(
         BLOCK_E=head_block(E),
         BLOCK_EV=head_block(Ev),
         INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
-        **kernel_paths((q, k, v, grad_out), tma, warp_specialize),
+        **kernel_paths((q, k, v, grad_out), mask_block, tma, warp_specialize),
     )
     operands = (q, k, v, mask, keep, grad_out, lse, delta)
     GRAD_KV.launch(

@@ -275,7 +275,7 @@ def attention_forward(
         BLOCK_E=head_block(E),
         BLOCK_EV=head_block(Ev),
         INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
-        **kernel_paths((q, k, v), tma, warp_specialize),
+        **kernel_paths((q, k, v), mask_block, tma, warp_specialize),
     )
     grid = lambda tiles: (triton.cdiv(Lq, tiles["BLOCK_M"]), H, B)  # noqa: E731
     FORWARD.launch(grid, config, mask_block, q.element_size(), args, meta)

@@ -8,7 +8,15 @@ import torch
 import triton
 from torch._subclasses.fake_tensor import is_fake
 
-from .runtime import SHARED_MEMORY_BUDGET, SUPPORTED_DTYPES, autotuned, descriptor_memory, interpreting, traceable
+from .runtime import (
+    SHARED_MEMORY_BUDGET,
+    SUPPORTED_DTYPES,
+    TMA_MIN_BLOCK,
+    autotuned,
+    descriptor_memory,
+    interpreting,
+    traceable,
+)
 
 MAX_HEAD_DIM = 256
 # Resident tiles (the rows a program keeps for its whole loop, beside their float32
@@ -62,18 +70,23 @@ def check_attention_operands(q, k, v, keep, mask_block, attn_mask):
     return B, H, Hk, Lq, Lk, E, Ev
 
 
-def kernel_paths(tensors, tma, warp_specialize):
+def kernel_paths(tensors, mask_block, tma, warp_specialize):
     """dict(TMA=, WARP_SPECIALIZE=): how the kernels read q, k, v (and dO). tma=None reads the
     SLICECOMPILE_ATTENTION_TMA environment variable ("1": on where the operands allow it), True
     insists (ValueError when they cannot be read that way), False never. warp_specialize=None reads
     SLICECOMPILE_ATTENTION_WS, which applies only where the TMA path runs; True needs that path.
-    Both are off by default until a GPU run of the attention tests has checked them."""
+    Both are off by default until a GPU run of the attention tests has checked them.
+    On a GPU the TMA path also needs a mask block of at least TMA_MIN_BLOCK a side: with smaller
+    kernel tiles Triton 3.6's pipeliner failed to compile the dK/dV kernel (H100, fp16, 64x32
+    tiles), as it had failed the masked GEMMs' small TMA tiles."""
+    readable = all(map(_tma_readable, tensors)) and (interpreting() or min(mask_block) >= TMA_MIN_BLOCK)
     if tma is None:
-        tma = os.environ.get("SLICECOMPILE_ATTENTION_TMA", "0") == "1" and all(map(_tma_readable, tensors))
-    elif tma and not all(map(_tma_readable, tensors)):
+        tma = os.environ.get("SLICECOMPILE_ATTENTION_TMA", "0") == "1" and readable
+    elif tma and not readable:
         raise ValueError(
             "attention operands cannot be read by the tensor memory accelerator: each needs unit stride "
-            "along the head dim and its other strides and start aligned to 16 bytes"
+            "along the head dim and its other strides and start aligned to 16 bytes, and on a GPU the "
+            f"mask's block {tuple(mask_block)} needs sides of at least {TMA_MIN_BLOCK}"
         )
     if warp_specialize is None:
         warp_specialize = tma and os.environ.get("SLICECOMPILE_ATTENTION_WS", "0") == "1"

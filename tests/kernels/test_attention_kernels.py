@@ -148,7 +148,7 @@ def test_kernels_match_reference(
     (E != Ev included), causal or not, both mask kinds, grouped-query attention, every dtype, both
     policies, through pointers and through tensor-memory-accelerator descriptors (the interpreter
     runs both; on a GPU without the accelerator tma=True is skipped)."""
-    tma = tma and (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9) or None
+    tma = tma if DEVICE == "cpu" else None  # on a GPU the drawn blocks are below the TMA path's 128
     torch.manual_seed(seed)
     (H, Hk), (E, Ev) = heads, head_dims
     q, k, v = qkv(B, H, Hk, Lq, Lk, E, Ev, dtype)
@@ -192,7 +192,7 @@ def test_causal_loops_split_at_the_diagonal(Lq, Lk, policy):
     small = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     for tma in (False, True):
         torch.manual_seed(5)
-        check_kernels(q, k, v, mask, None, True, configs=(small, small, small), tma=tma or None)
+        check_kernels(q, k, v, mask, None, True, configs=(small, small, small), tma=tma and DEVICE == "cpu" or None)
 
 
 @pytest.mark.parametrize("policy", ["dropout", "dropkey"])
