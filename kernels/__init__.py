@@ -4,8 +4,9 @@ Masked-GEMM primitives, each usable in several roles by permuting operands:
 - sparse_input_matmul: block-sparse A @ dense B -> dense C (skips dropped K-tiles);
 - sparse_output_matmul: dense A @ dense B -> only the kept tiles of C (zeros elsewhere);
 - attention_forward, attention_backward: flash attention under a tile dropout mask (skips the
-  P·V-side GEMMs of dropped tiles), with attention_tiling and attention_launch their device and
-  host helpers.
+  P·V-side GEMMs of dropped tiles, or whole tiles under drop-keys); the backward's dK/dV and dQ
+  kernels live in attention_grad_kv and attention_grad_q, attention_tiling and attention_launch
+  hold their device and host helpers.
 masked_matmul holds the launch path the two GEMMs share, tiling the device helpers, runtime
 autotuning, the interpreter's limits and the TMA checks.
 Nothing here imports slicecompile.
