@@ -26,7 +26,7 @@ from .attention_launch import (
     AttentionKernel,
     check_attention_operands,
     head_block,
-    kernel_paths,
+    kernel_meta,
     mask_view,
     widen,
     widened_for_interpreter,
@@ -145,22 +145,13 @@ def attention_backward(
     dk = torch.empty((B, Hk, Lk, E), device=q.device, dtype=q.dtype)
     dv = torch.empty((B, Hk, Lk, Ev), device=q.device, dtype=q.dtype)
     ds = torch.zeros((B, H, Lq, Lk), device=q.device, dtype=torch.float32) if mask_grad else None
-    mask, mask_strides, mask_bool = mask_view(attn_mask, (B, H, Lq, Lk))
+    mask, mask_strides = mask_view(attn_mask, (B, H, Lq, Lk))
     keep = keep.to(torch.uint8)  # not a view: Inductor (torch 2.11) cannot view bool as uint8
     sizes = (H, H // Hk, Lq, Lk, E, Ev, size_key(Lq), size_key(Lk))
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *keep.stride(), *grad_out.stride())
     factors = (float(scale) * LOG2E_VALUE, float(scale), float(drop_scale))
-    meta = dict(
-        HAS_MASK=attn_mask is not None,
-        MASK_BOOL=mask_bool,
-        IS_CAUSAL=bool(is_causal),
-        DROP_KEYS=bool(drop_keys),
-        MASK_BM=mask_block[0],
-        MASK_BN=mask_block[1],
-        BLOCK_E=head_block(E),
-        BLOCK_EV=head_block(Ev),
-        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
-        **kernel_paths((q, k, v, grad_out), mask_block, tma, warp_specialize),
+    meta = kernel_meta(
+        (q, k, v, grad_out), mask_block, attn_mask, is_causal, drop_keys, allow_tf32, tma, warp_specialize
     )
     operands = (q, k, v, mask, keep, grad_out, lse, delta)
     GRAD_KV.launch(

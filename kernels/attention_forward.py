@@ -13,7 +13,7 @@ branch skips the whole tile.
 The key loop is split in two: the tiles left of the diagonal (and, without causality, all but a
 ragged last tile) skip the per-element causal and edge tests; the rest apply them. Operands are
 read through pointers (any GPU, and Triton's interpreter) or, opt-in, through the tensor memory
-accelerator with Triton's warp specialisation (attention_launch.kernel_paths).
+accelerator with Triton's warp specialisation (attention_launch.kernel_meta).
 """
 
 import torch
@@ -23,8 +23,7 @@ import triton.language as tl
 from .attention_launch import (
     AttentionKernel,
     check_attention_operands,
-    head_block,
-    kernel_paths,
+    kernel_meta,
     mask_view,
     widen,
     widened_for_interpreter,
@@ -249,7 +248,7 @@ def attention_forward(
     h // (H // Hk). attn_mask: bool (True = attend) or additive, broadcastable to (B, H, Lq, Lk),
     read in place. is_causal: query i sees keys j <= i (top-left aligned). config: kernel tiles
     and launch options (dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=)) instead of autotuning.
-    tma, warp_specialize: the kernel's opt-in Hopper paths (attention_launch.kernel_paths).
+    tma, warp_specialize: the kernel's opt-in Hopper paths (attention_launch.kernel_meta).
     """
     B, H, Hk, Lq, Lk, E, Ev = check_attention_operands(q, k, v, keep, mask_block, attn_mask)
     if widened_for_interpreter(q):
@@ -258,25 +257,14 @@ def attention_forward(
         return out.to(q.dtype), lse
     out = torch.empty((B, H, Lq, Ev), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    mask, mask_strides, mask_bool = mask_view(attn_mask, (B, H, Lq, Lk))
+    mask, mask_strides = mask_view(attn_mask, (B, H, Lq, Lk))
     keep = keep.to(torch.uint8)  # not a view: Inductor (torch 2.11) cannot view bool as uint8
     args = (
         q, k, v, mask, keep, out, lse, H, H // Hk, Lq, Lk, E, Ev, size_key(Lq), size_key(Lk),
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *keep.stride(), *out.stride(),
         float(scale) * LOG2E_VALUE, float(drop_scale),
     )  # fmt: skip
-    meta = dict(
-        HAS_MASK=attn_mask is not None,
-        MASK_BOOL=mask_bool,
-        IS_CAUSAL=bool(is_causal),
-        DROP_KEYS=bool(drop_keys),
-        MASK_BM=mask_block[0],
-        MASK_BN=mask_block[1],
-        BLOCK_E=head_block(E),
-        BLOCK_EV=head_block(Ev),
-        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
-        **kernel_paths((q, k, v), mask_block, tma, warp_specialize),
-    )
+    meta = kernel_meta((q, k, v), mask_block, attn_mask, is_causal, drop_keys, allow_tf32, tma, warp_specialize)
     grid = lambda tiles: (triton.cdiv(Lq, tiles["BLOCK_M"]), H, B)  # noqa: E731
     FORWARD.launch(grid, config, mask_block, q.element_size(), args, meta)
     return out, lse

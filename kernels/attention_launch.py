@@ -6,7 +6,6 @@ import os
 
 import torch
 import triton
-from torch._subclasses.fake_tensor import is_fake
 
 from .runtime import (
     SHARED_MEMORY_BUDGET,
@@ -15,6 +14,7 @@ from .runtime import (
     autotuned,
     descriptor_memory,
     interpreting,
+    start_address,
     traceable,
 )
 
@@ -70,8 +70,27 @@ def check_attention_operands(q, k, v, keep, mask_block, attn_mask):
     return B, H, Hk, Lq, Lk, E, Ev
 
 
-def kernel_paths(tensors, mask_block, tma, warp_specialize):
-    """dict(TMA=, WARP_SPECIALIZE=): how the kernels read q, k, v (and dO). tma=None reads the
+def kernel_meta(operands, mask_block, attn_mask, is_causal, drop_keys, allow_tf32, tma, warp_specialize):
+    """The meta-parameters the attention kernels share, for operands (q, k, v[, dO]) under
+    mask_block: the mask's kind, the policy, the padded head dims, the dot's precision, and how
+    the operands are read (_read_paths)."""
+    q, v = operands[0], operands[2]
+    return dict(
+        HAS_MASK=attn_mask is not None,
+        MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool,
+        IS_CAUSAL=bool(is_causal),
+        DROP_KEYS=bool(drop_keys),
+        MASK_BM=mask_block[0],
+        MASK_BN=mask_block[1],
+        BLOCK_E=head_block(q.shape[3]),
+        BLOCK_EV=head_block(v.shape[3]),
+        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+        **_read_paths(operands, mask_block, tma, warp_specialize),
+    )
+
+
+def _read_paths(operands, mask_block, tma, warp_specialize):
+    """dict(TMA=, WARP_SPECIALIZE=): how the kernels read the operands. tma=None reads the
     SLICECOMPILE_ATTENTION_TMA environment variable ("1": on where the operands allow it), True
     insists (ValueError when they cannot be read that way), False never. warp_specialize=None reads
     SLICECOMPILE_ATTENTION_WS, which applies only where the TMA path runs; True needs that path.
@@ -79,29 +98,28 @@ def kernel_paths(tensors, mask_block, tma, warp_specialize):
     On a GPU the TMA path also needs a mask block of at least TMA_MIN_BLOCK a side: with smaller
     kernel tiles Triton 3.6's pipeliner failed to compile the dK/dV kernel (H100, fp16, 64x32
     tiles), as it had failed the masked GEMMs' small TMA tiles."""
-    readable = all(map(_tma_readable, tensors)) and (interpreting() or min(mask_block) >= TMA_MIN_BLOCK)
-    if tma is None:
-        tma = os.environ.get("SLICECOMPILE_ATTENTION_TMA", "0") == "1" and readable
-    elif tma and not readable:
-        raise ValueError(
-            "attention operands cannot be read by the tensor memory accelerator: each needs unit stride "
-            "along the head dim and its other strides and start aligned to 16 bytes, and on a GPU the "
-            f"mask's block {tuple(mask_block)} needs sides of at least {TMA_MIN_BLOCK}"
-        )
+    wanted = os.environ.get("SLICECOMPILE_ATTENTION_TMA", "0") == "1" if tma is None else tma
+    if wanted and not (all(map(_tma_readable, operands)) and (interpreting() or min(mask_block) >= TMA_MIN_BLOCK)):
+        if tma:
+            raise ValueError(
+                "attention operands cannot be read by the tensor memory accelerator: each needs unit stride "
+                "along the head dim and its other strides and start aligned to 16 bytes, and on a GPU the "
+                f"mask's block {tuple(mask_block)} needs sides of at least {TMA_MIN_BLOCK}"
+            )
+        wanted = False
     if warp_specialize is None:
-        warp_specialize = tma and os.environ.get("SLICECOMPILE_ATTENTION_WS", "0") == "1"
-    if warp_specialize and not tma:
+        warp_specialize = wanted and os.environ.get("SLICECOMPILE_ATTENTION_WS", "0") == "1"
+    if warp_specialize and not wanted:
         raise ValueError("warp specialisation of the attention kernels needs the TMA path")
-    if tma and tensors[0].is_cuda:
+    if wanted and operands[0].is_cuda:
         triton.set_allocator(descriptor_memory)
-    return dict(TMA=bool(tma), WARP_SPECIALIZE=bool(warp_specialize))
+    return dict(TMA=bool(wanted), WARP_SPECIALIZE=bool(warp_specialize))
 
 
 def _tma_readable(t):
     """Whether each (batch, head) plane of 4-D t can be a tensor-memory-accelerator descriptor."""
-    start = t.storage_offset() * t.element_size() if is_fake(t) or t.device.type == "meta" else t.data_ptr()
-    strides = t.stride()
-    return t.stride(3) == 1 and start % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in strides[:3])
+    aligned = all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:3])
+    return t.stride(3) == 1 and aligned and start_address(t) % 16 == 0
 
 
 def head_block(d):
@@ -111,13 +129,12 @@ def head_block(d):
 
 def mask_view(attn_mask, shape):
     """(the pointer to pass, its 4 strides over shape (B, H, Lq, Lk), stride 0 on broadcast
-    dims, MASK_BOOL). Boolean masks are read as uint8."""
+    dims). Boolean masks are read as uint8."""
     if attn_mask is None:
-        return None, (0, 0, 0, 0), False
-    is_bool = attn_mask.dtype == torch.bool
+        return None, (0, 0, 0, 0)
     # Converted, not viewed: Inductor (torch 2.11) cannot view bool as uint8.
-    full = (attn_mask.to(torch.uint8) if is_bool else attn_mask).expand(shape)
-    return full, full.stride(), is_bool
+    full = (attn_mask.to(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask).expand(shape)
+    return full, full.stride()
 
 
 def widened_for_interpreter(q):

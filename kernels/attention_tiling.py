@@ -66,8 +66,9 @@ def scores(
     (query i sees keys j <= i), or False in a boolean mask. q: (BLOCK_M, BLOCK_E) tile, k_t:
     (BLOCK_E, BLOCK_N) tile (k transposed), qk_scale = scale * log2(e). mask_ptr points at this
     (batch, head)'s (LQ, LK) plane of the attention mask (broadcast dims have stride 0).
-    EDGE=False: the caller knows every key of the tile is inside LK and, under IS_CAUSAL, seen by
-    every query of the tile (see key_tiles), so the per-element causal and edge tests are left out."""
+    EDGE=False leaves out the per-element causal and edge tests: the caller knows that under
+    IS_CAUSAL every query of the tile sees every key of it, and that keys past LK either do not
+    occur (key_tiles) or only give rows of dK and dV that are never stored (query_tiles)."""
     s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
     if not EDGE and not HAS_MASK:
         return s
@@ -113,7 +114,8 @@ def query_tiles(start_n, LQ, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLO
     """(start, inner_start): the query tiles that see the key tile at start_n are [start, LQ) in
     steps of BLOCK_M; under IS_CAUSAL those from inner_start on see every key of the tile (no
     per-element causal test), those before it straddle the diagonal. Query rows past LQ need no
-    test: their log-sum-exp is +inf, so their recomputed P is 0."""
+    test: their log-sum-exp is +inf, so their recomputed P is 0; nor do keys past LK of a ragged
+    key tile: their P is garbage, but only their own rows of dK and dV see it, which are not stored."""
     if IS_CAUSAL:
         start = (start_n // BLOCK_M) * BLOCK_M
         inner_start = tl.maximum(start, tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M)

@@ -170,13 +170,18 @@ def _tma_layouts(a, b, tma, mask_block):
 def _unit_stride_dim(t):
     """The dim of 2-D t along which it has unit stride, if its other stride and its start are
     16-byte aligned (what tensor-memory-accelerator descriptors need); else None."""
-    start = t.storage_offset() * t.element_size() if is_fake(t) else t.data_ptr()
-    if start % 16:
+    if start_address(t) % 16:
         return None
     for dim in (1, 0):
         if t.stride(dim) == 1 and (t.stride(1 - dim) * t.element_size()) % 16 == 0:
             return dim
     return None
+
+
+def start_address(t):
+    """t's first element's address, or for a fake or meta tensor (while torch.compile traces) its
+    offset in bytes into its storage: what tensor-memory-accelerator alignment is judged on."""
+    return t.storage_offset() * t.element_size() if is_fake(t) or t.device.type == "meta" else t.data_ptr()
 
 
 def descriptor_memory(size, alignment, stream):
