@@ -3,7 +3,8 @@
 # the named parts (default: all) — tests: the test suite on the GPU and the demo; kernels: the
 # kernel-variant sweep, the dropout_linear benchmarks (bf16, fp16, fp32) and the block sweep
 # behind DEFAULT_BLOCK; output: the linear_dropout (output side) benchmark and its block sweep;
-# attention: the attention tests and the fused attention against SDPA, per kernel variant;
+# attention: the attention tests and the fused attention against SDPA, per kernel variant; probe: every
+# attention kernel candidate checked and timed;
 # gpt2: GPT-2-style blocks' training step;
 # encoder: the 4-layer encoder training step; slice: the slice policy and the compact saved input
 # against cuBLAS; memory: the encoder step's peak memory; wrn: Wide ResNet blocks; frontier: the
@@ -91,6 +92,19 @@ for part in $parts; do
       echo "== $out/bench_attention.log"
       grep -E "skipped|budget|failed|note" "$out/bench_attention.log" | tail -20
       sed -n '/^Summary/,$p' "$out/bench_attention.log" ;;
+    probe)
+      # The attention kernels' candidates: each checked at a small shape on both read paths, beside the
+      # attention tests on the TMA path (its block guard), then each timed at the benchmark's shapes.
+      env SLICECOMPILE_ATTENTION_TMA=1 TORCHINDUCTOR_AUTOGRAD_CACHE=0 TORCHINDUCTOR_FX_GRAPH_CACHE=0 timeout 170 \
+        python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_kernels.py tests/ops/test_dropout_attention.py \
+        > "$out/pytest_gpu_attention_tma.log" 2>&1 &
+      timeout 170 python3 bench/probe_attention_configs.py --length 512 > "$out/probe_checks.log" 2>&1 &
+      wait
+      timeout "${PROBE_S:-300}" python3 bench/probe_attention_configs.py --time --paths ptr tma \
+        --shapes 8,12,1024,64 4,16,2048,128 16,12,512,64 2,32,4096,128 --csv bench/results/attention_configs.csv \
+        2>&1 | tee "$out/probe_times.log" | sed -n '/^Summary/,$p'
+      echo "== tma tests"; tail -3 "$out/pytest_gpu_attention_tma.log"
+      echo "== probe checks: $(grep -c ' ok ' "$out/probe_checks.log") ok"; grep -E "WRONG|FAILED" "$out/probe_checks.log" | head ;;
     gpt2)
       python3 bench/bench_gpt2_block.py --p 0.1 0.5 --steps 30 --backends eager inductor slicecompile \
         slicecompile-input slicecompile-output 2>&1 | tee "$out/bench_gpt2_block.log"
