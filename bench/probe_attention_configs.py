@@ -109,7 +109,7 @@ def check_all(args):
 
 def time_all(args):
     """Rows of every candidate's kernel time at each shape, and SDPA's kernels."""
-    rows, gpu = [], torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    rows, gpu = Rows(args.csv), torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     for shape, causal in itertools.product(args.shapes, args.causal):
         B, H, L, E = shape
         q, k, v, mask = operands(B, H, L, E, torch.bfloat16, args.device, args.p, bool(causal))
@@ -133,12 +133,23 @@ def time_all(args):
                     ms, total, note = float("nan"), float("nan"), f"{type(e).__name__}: {str(e).splitlines()[-1][:80]}"
                 rows.append(base | dict(path=path, kernel=name, config=describe(c), ms=ms, error=note))
                 print(f"{base['shape']} c{causal} {path} {name:8} {describe(c):16} {ms:.3f} (all {total:.3f}) {note}")
-    if args.csv:
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, list(rows[0]))
-            writer.writeheader() if not f.tell() else None
-            writer.writerows(rows)
     summary(rows)
+
+
+class Rows(list):
+    """A list of row dicts that also appends each to a CSV file as it comes (None: no file)."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def append(self, row):
+        super().append(row)
+        if self.path:
+            with open(self.path, "a", newline="") as f:
+                writer = csv.DictWriter(f, list(row))
+                writer.writeheader() if not f.tell() else None
+                writer.writerow(row)
 
 
 def summary(rows):

@@ -94,16 +94,18 @@ for part in $parts; do
       sed -n '/^Summary/,$p' "$out/bench_attention.log" ;;
     probe)
       # The attention kernels' candidates: each checked at a small shape on both read paths, beside the
-      # attention tests on the TMA path (its block guard), then each timed at the benchmark's shapes.
-      env SLICECOMPILE_ATTENTION_TMA=1 TORCHINDUCTOR_AUTOGRAD_CACHE=0 TORCHINDUCTOR_FX_GRAPH_CACHE=0 timeout 170 \
-        python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_kernels.py tests/ops/test_dropout_attention.py \
-        > "$out/pytest_gpu_attention_tma.log" 2>&1 &
-      timeout 170 python3 bench/probe_attention_configs.py --length 512 > "$out/probe_checks.log" 2>&1 &
+      # attention kernel and op tests on each path, then each timed at the benchmark's shapes.
+      for tma in 0 1; do
+        env SLICECOMPILE_ATTENTION_TMA=$tma TORCHINDUCTOR_AUTOGRAD_CACHE=0 TORCHINDUCTOR_FX_GRAPH_CACHE=0 \
+          timeout "${ATTENTION_TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_kernels.py \
+          tests/ops/test_dropout_attention.py > "$out/pytest_gpu_attention_tma$tma.log" 2>&1 &
+      done
+      timeout "${ATTENTION_TEST_S:-150}" python3 bench/probe_attention_configs.py --length 512 > "$out/probe_checks.log" 2>&1 &
       wait
       timeout "${PROBE_S:-300}" python3 bench/probe_attention_configs.py --time --paths ptr tma \
         --shapes 8,12,1024,64 4,16,2048,128 16,12,512,64 2,32,4096,128 --csv bench/results/attention_configs.csv \
         2>&1 | tee "$out/probe_times.log" | sed -n '/^Summary/,$p'
-      echo "== tma tests"; tail -3 "$out/pytest_gpu_attention_tma.log"
+      for tma in 0 1; do echo "== tests, TMA $tma"; tail -3 "$out/pytest_gpu_attention_tma$tma.log"; done
       echo "== probe checks: $(grep -c ' ok ' "$out/probe_checks.log") ok"; grep -E "WRONG|FAILED" "$out/probe_checks.log" | head ;;
     gpt2)
       python3 bench/bench_gpt2_block.py --p 0.1 0.5 --steps 30 --backends eager inductor slicecompile \

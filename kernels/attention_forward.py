@@ -198,9 +198,9 @@ def _key_loop(
             alpha = tl.math.exp2(row_max - shift)
             row_sum = row_sum * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            if kept:
-                v = operand_tile(v_src, start_n, 0, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, False, TMA)
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+            v = operand_tile(v_src, start_n, 0, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, False, TMA)
+            p_kept = tl.where(kept, p, 0.0)
+            acc = tl.dot(p_kept.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
             row_max = new_max
     return acc, row_max, row_sum
 

@@ -93,8 +93,8 @@ def attention_grad_kv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_src = operand(k_ptr + b * stride_kb + hk * stride_kh, LK, E, stride_kn, stride_ke, BLOCK_N, BLOCK_E, False, TMA)
     v_src = operand(v_ptr + b * stride_vb + hk * stride_vh, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, False, TMA)
-    k_t = transposed_tile(k_src, start_n, LK, E, stride_kn, stride_ke, BLOCK_N, BLOCK_E, TMA)
-    v_t = transposed_tile(v_src, start_n, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, TMA)
+    k = operand_tile(k_src, start_n, 0, LK, E, stride_kn, stride_ke, BLOCK_N, BLOCK_E, False, TMA)
+    v = operand_tile(v_src, start_n, 0, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, False, TMA)
     dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_EV), dtype=tl.float32)
     start, inner_start = query_tiles(start_n, LQ, IS_CAUSAL, BLOCK_M, BLOCK_N)
@@ -113,12 +113,12 @@ def attention_grad_kv_kernel(
         ds_base = ds_ptr + rows * LK if STORE_DS else ds_ptr
         # The query tiles that straddle the diagonal apply the causal test; the rest skip it.
         dk, dv = _query_loop(
-            dk, dv, k_t, v_t, offs_n, start_n, start, inner_start, sources, mask_base, masking, table, ds_base,
+            dk, dv, k, v, offs_n, start_n, start, inner_start, sources, mask_base, masking, table, ds_base,
             HAS_MASK, MASK_BOOL, IS_CAUSAL, DROP_KEYS, STORE_DS, MASK_BM, MASK_BN, BLOCK_M, BLOCK_E, BLOCK_EV, True,
             INPUT_PRECISION, TMA, WARP_SPECIALIZE,
         )  # fmt: skip
         dk, dv = _query_loop(
-            dk, dv, k_t, v_t, offs_n, start_n, inner_start, LQ, sources, mask_base, masking, table, ds_base, HAS_MASK,
+            dk, dv, k, v, offs_n, start_n, inner_start, LQ, sources, mask_base, masking, table, ds_base, HAS_MASK,
             MASK_BOOL, IS_CAUSAL, DROP_KEYS, STORE_DS, MASK_BM, MASK_BN, BLOCK_M, BLOCK_E, BLOCK_EV, False,
             INPUT_PRECISION, TMA, WARP_SPECIALIZE,
         )  # fmt: skip
@@ -131,8 +131,8 @@ def attention_grad_kv_kernel(
 def _query_loop(
     dk,
     dv,
-    k_t,
-    v_t,
+    k,
+    v,
     offs_n,
     start_n,
     lo,
@@ -157,7 +157,10 @@ def _query_loop(
     TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
-    """dK and dV of one key tile accumulated over the query tiles [lo, hi) of one head."""
+    """dK and dV of one key tile accumulated over the query tiles [lo, hi) of one head. Works on
+    the transposes (Sᵀ = K Qᵀ, Pᵀ, dPᵀ = V dOᵀ, dSᵀ), as the Triton tutorial's backward does, so
+    that Pᵀ and dSᵀ, the left operands of dV's and dK's products, are made where they are used:
+    transposing them in registers cost shared-memory round trips and, at large tiles, spills."""
     q_src, do_src, LQ, E, EV, stride_qm, stride_qe, stride_gm, stride_ge = sources
     LK, qk_scale, drop_scale, stride_mm, stride_mn, lse_ptr, delta_ptr = masking
     keep_base, stride_keep_m, stride_keep_n = table
@@ -166,21 +169,20 @@ def _query_loop(
         visit = kept if DROP_KEYS else True
         if visit:
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = operand_tile(q_src, start_m, 0, LQ, E, stride_qm, stride_qe, BLOCK_M, BLOCK_E, False, TMA)
+            q_t = transposed_tile(q_src, start_m, LQ, E, stride_qm, stride_qe, BLOCK_M, BLOCK_E, TMA)
             do = operand_tile(do_src, start_m, 0, LQ, EV, stride_gm, stride_ge, BLOCK_M, BLOCK_EV, False, TMA)
             lse = tl.load(lse_ptr + offs_m, mask=offs_m < LQ, other=float("inf"))
             delta = tl.load(delta_ptr + offs_m, mask=offs_m < LQ, other=0.0)
-            s = scores(
-                q, k_t, offs_m, offs_n, LQ, LK, qk_scale, mask_base, stride_mm, stride_mn,
-                HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION, EDGE,
+            s_t = scores(
+                k, q_t, offs_m, offs_n, LQ, LK, qk_scale, mask_base, stride_mm, stride_mn,
+                HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION, EDGE, True,
             )  # fmt: skip
-            p = tl.math.exp2(s - lse[:, None] * LOG2E)
-            dp = tl.zeros(p.shape, dtype=tl.float32)
-            if kept:
-                dv = tl.dot(tl.trans((p * drop_scale).to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
-                dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION) * drop_scale
-            ds = p * (dp - delta[:, None])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+            p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)
+            factor = tl.where(kept, drop_scale, 0.0)
+            dv = tl.dot((p_t * factor).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION) * factor
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION)
             if STORE_DS:
-                store_tile(ds_ptr, ds, offs_m, offs_n, LQ, LK, LK, 1)
+                store_tile(ds_ptr, ds_t, offs_n, offs_m, LK, LQ, 1, LK)
     return dk, dv

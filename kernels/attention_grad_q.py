@@ -151,10 +151,8 @@ def _dq_key_loop(
                 HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION, EDGE,
             )  # fmt: skip
             p = tl.math.exp2(s - lse[:, None] * LOG2E)
-            dp = tl.zeros(p.shape, dtype=tl.float32)
-            if kept:
-                v_t = transposed_tile(v_src, start_n, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, TMA)
-                dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION) * drop_scale
+            v_t = transposed_tile(v_src, start_n, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, TMA)
+            dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION) * tl.where(kept, drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq

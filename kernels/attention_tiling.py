@@ -45,8 +45,8 @@ def store_tile(ptr, value, offs_r, offs_c, n_r, n_c, stride_r, stride_c):
 
 @triton.jit
 def scores(
-    q,
-    k_t,
+    a,
+    b,
     offs_m,
     offs_n,
     LQ,
@@ -60,28 +60,34 @@ def scores(
     IS_CAUSAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     EDGE: tl.constexpr = True,
+    TRANSPOSED: tl.constexpr = False,
 ):
-    """(BLOCK_M, BLOCK_N) float32 scores q @ k_t * qk_scale (+ mask * log2(e)) of queries offs_m
+    """(BLOCK_M, BLOCK_N) float32 scores a @ b * qk_scale (+ mask * log2(e)) of queries offs_m
     against keys offs_n, in base-2 units; -inf where a key is past LK, hidden by the causal rule
-    (query i sees keys j <= i), or False in a boolean mask. q: (BLOCK_M, BLOCK_E) tile, k_t:
-    (BLOCK_E, BLOCK_N) tile (k transposed), qk_scale = scale * log2(e). mask_ptr points at this
-    (batch, head)'s (LQ, LK) plane of the attention mask (broadcast dims have stride 0).
+    (query i sees keys j <= i), or False in a boolean mask. a: the (BLOCK_M, BLOCK_E) query tile,
+    b: the (BLOCK_E, BLOCK_N) key tile transposed, qk_scale = scale * log2(e); TRANSPOSED: their
+    transpose, a the key tile and b the query tile transposed, giving the (BLOCK_N, BLOCK_M) scores
+    transposed. mask_ptr points at this (batch, head)'s (LQ, LK) plane of the attention mask
+    (broadcast dims have stride 0).
     EDGE=False leaves out the per-element causal and edge tests: the caller knows that under
     IS_CAUSAL every query of the tile sees every key of it, and that keys past LK either do not
     occur (key_tiles) or only give rows of dK and dV that are never stored (query_tiles)."""
-    s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+    s = tl.dot(a, b, input_precision=INPUT_PRECISION) * qk_scale
     if not EDGE and not HAS_MASK:
         return s
-    live = (offs_n[None, :] < LK) & (offs_m[:, None] >= 0)
+    if TRANSPOSED:
+        m, n = offs_m[None, :], offs_n[:, None]
+    else:
+        m, n = offs_m[:, None], offs_n[None, :]
+    live = (n < LK) & (m >= 0)
     if IS_CAUSAL and EDGE:
-        live = live & (offs_m[:, None] >= offs_n[None, :])
+        live = live & (m >= n)
     if HAS_MASK:
-        in_plane = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
-        ptrs = mask_ptr + offs_m.to(tl.int64)[:, None] * stride_mm + offs_n.to(tl.int64)[None, :] * stride_mn
+        ptrs = mask_ptr + m.to(tl.int64) * stride_mm + n.to(tl.int64) * stride_mn
         if MASK_BOOL:
-            live = live & (tl.load(ptrs, mask=in_plane, other=0) != 0)
+            live = live & (tl.load(ptrs, mask=(m < LQ) & (n < LK), other=0) != 0)
         else:
-            s += tl.load(ptrs, mask=in_plane, other=0.0).to(tl.float32) * LOG2E
+            s += tl.load(ptrs, mask=(m < LQ) & (n < LK), other=0.0).to(tl.float32) * LOG2E
     return tl.where(live, s, float("-inf"))
 
 
