@@ -146,7 +146,7 @@ def attention_backward(
     dv = torch.empty((B, Hk, Lk, Ev), device=q.device, dtype=q.dtype)
     ds = torch.zeros((B, H, Lq, Lk), device=q.device, dtype=torch.float32) if mask_grad else None
     mask, mask_strides = mask_view(attn_mask, (B, H, Lq, Lk))
-    keep = keep.to(torch.uint8)  # not a view: Inductor (torch 2.11) cannot view bool as uint8
+    # keep is read as it is: bool loads as int1, uint8 as int8; the kernels test it against zero.
     sizes = (H, H // Hk, Lq, Lk, E, Ev, size_key(Lq), size_key(Lk))
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *keep.stride(), *grad_out.stride())
     factors = (float(scale) * LOG2E_VALUE, float(scale), float(drop_scale))

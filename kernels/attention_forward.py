@@ -258,7 +258,7 @@ def attention_forward(
     out = torch.empty((B, H, Lq, Ev), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     mask, mask_strides = mask_view(attn_mask, (B, H, Lq, Lk))
-    keep = keep.to(torch.uint8)  # not a view: Inductor (torch 2.11) cannot view bool as uint8
+    # keep is read as it is: bool loads as int1, uint8 as int8; the kernels test it against zero.
     args = (
         q, k, v, mask, keep, out, lse, H, H // Hk, Lq, Lk, E, Ev, size_key(Lq), size_key(Lk),
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *keep.stride(), *out.stride(),

@@ -96,7 +96,8 @@ def draw_attention_mask(
     is_causal=False,
 ):
     """An AttentionMask over (batch, heads, lq, lk): every (BM, BN) tile kept independently with
-    probability 1 - p, by one torch.rand on device. Under policy="dropkey", a query block-row
+    probability 1 - p, by one Bernoulli draw on device (one kernel on a GPU; under policy="dropkey"
+one torch.rand, whose values also choose the tiles kept back). Under "dropkey", a query block-row
     left with no kept tile that all its queries see (under is_causal) gets one back
     (_one_tile_per_row). Sizes may be symbolic (torch.compile)."""
     for name, value in (("batch", batch), ("heads", heads), ("lq", lq), ("lk", lk)):
@@ -107,10 +108,12 @@ def draw_attention_mask(
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     grid = (batch, heads, -(-lq // block[0]), -(-lk // block[1]))
-    uniform = torch.rand(grid, device=device, **({} if generator is None else {"generator": generator}))
-    kept = uniform >= p
+    drawn = {} if generator is None else {"generator": generator}
     if policy == "dropkey":
-        kept = _one_tile_per_row(kept, uniform, block, is_causal)
+        uniform = torch.rand(grid, device=device, **drawn)
+        kept = _one_tile_per_row(uniform >= p, uniform, block, is_causal)
+    else:  # one kernel, and the table the attention kernels read as it is
+        kept = torch.empty(grid, dtype=torch.bool, device=device).bernoulli_(1.0 - p, **drawn)
     return AttentionMask(kept, (batch, heads, lq, lk), block, float(p), policy)
 
 
