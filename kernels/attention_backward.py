@@ -68,17 +68,16 @@ def attention_delta_kernel(
     tl.store(delta_ptr + (b * H + h) * LQ + offs_m, delta, mask=offs_m < LQ)
 
 
-# Candidates (BLOCK_M, BLOCK_N, warps, stages) per padded head dim after the Triton tutorial's
-# fused-attention backward (dK/dV: query rows streamed past resident keys; dQ: the transpose),
-# kept to those that compile without register spills for sm_90 (Triton 3.7,
-# bench/inspect_kernels.py: the tutorial's 32x128 with 4 warps spilled 16 B in dK/dV at head dim 64
-# and 2 KB at 128, its dQ transpose 224 B at 128); not yet timed on a GPU. At 256 every dK/dV
+# Candidates (BLOCK_M, BLOCK_N, warps, stages) per padded head dim. dK/dV holds 128 keys where
+# it can, as the Triton tutorial's Hopper backward does; dQ streams key tiles past its resident
+# query rows. All compile without register spills for sm_90 (Triton 3.7, bench/inspect_kernels.py;
+# 4 warps at 128 keys spilled: 12 B and 684 B at head dim 64, 1.3 KB at 128). At 256 every dK/dV
 # candidate spills.
 GRAD_KV = AttentionKernel(
     attention_grad_kv_kernel,
     {
-        64: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2)],
-        128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
+        64: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+        128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 2)],
         256: [(32, 64, 8, 2), (64, 64, 8, 3), (16, 64, 4, 2)],
     },
     resident="BLOCK_N",
