@@ -28,7 +28,7 @@ from .attention_launch import (
     widen,
     widened_for_interpreter,
 )
-from .attention_tiling import LN2, LOG2E, key_tiles, scores, store_tile, tile_kept, transposed_tile
+from .attention_tiling import LN2, LOG2E, key_tiles, query_tile, scores, store_tile, tile_kept, transposed_tile
 from .runtime import size_key
 from .tiling import operand, operand_tile
 
@@ -109,7 +109,7 @@ def attention_forward_kernel(
     # Inductor passes Python floats to a user kernel as float64 (torch 2.11, H200): in float32 they
     # keep the online softmax's carried values, and the dot accumulator, float32.
     qk_scale, drop_scale = tl.cast(qk_scale, tl.float32), tl.cast(drop_scale, tl.float32)
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = query_tile(IS_CAUSAL) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP

@@ -4,7 +4,7 @@ and the launcher): one program per query tile, looping over key tiles."""
 import triton
 import triton.language as tl
 
-from .attention_tiling import LOG2E, key_tiles, scores, store_tile, tile_kept, transposed_tile
+from .attention_tiling import LOG2E, key_tiles, query_tile, scores, store_tile, tile_kept, transposed_tile
 from .tiling import operand, operand_tile
 
 
@@ -77,7 +77,7 @@ def attention_grad_q_kernel(
     # Inductor passes Python floats as float64: see attention_forward_kernel.
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
     drop_scale = tl.cast(drop_scale, tl.float32)
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = query_tile(IS_CAUSAL) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP

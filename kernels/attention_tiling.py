@@ -101,6 +101,18 @@ def tile_kept(keep_ptr, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM:
 
 
 @triton.jit
+def query_tile(IS_CAUSAL: tl.constexpr):
+    """The query tile of a program whose grid's first axis runs over query tiles. Under IS_CAUSAL
+    the last tiles, which see the most keys, come first, so that the shortest programs fill the
+    end of the launch instead of the longest."""
+    if IS_CAUSAL:
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        tile = tl.program_id(0)
+    return tile
+
+
+@triton.jit
 def key_tiles(start_m, LK, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(inner_end, end): the key tiles a query tile at start_m visits are [0, end) in steps of
     BLOCK_N; those before inner_end lie wholly inside LK and, under IS_CAUSAL, wholly at or left of
