@@ -4,7 +4,7 @@ thread, spilled bytes, shared memory, and whether the kernel uses wgmma, the ten
 accelerator (TMA) and warp specialisation (ws).
 
     python bench/inspect_kernels.py [--dtype bfloat16] [--kernels attention|gemm|all] [--csv PATH]
-        [--head-dims 64 128] [--first] [--variants pointer tma tma_ws]
+        [--head-dims 64 128] [--first] [--variants pointer tma tma_ws dropkey]
 
 How: the public launchers run on fake CUDA tensors with runtime.traceable, the seam every launch
 goes through, replaced by a recorder, and the GPU queries stubbed as an H100's (132
@@ -42,7 +42,7 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import MockTensor, create_function_from_signature, mangle_type
 
 from slicecompile import kernels
-from slicecompile.kernels import runtime
+from slicecompile.kernels import attention_launch, runtime
 
 HOPPER = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(HOPPER)
@@ -68,6 +68,7 @@ VARIANTS = {
         "pointer": Variant({}, {}),
         "tma": Variant({"SLICECOMPILE_ATTENTION_TMA": "1"}, {}),
         "tma_ws": Variant({"SLICECOMPILE_ATTENTION_TMA": "1", "SLICECOMPILE_ATTENTION_WS": "1"}, {}),
+        "dropkey": Variant({}, {"drop_keys": True}),
     },
     "gemm": {"pointer": Variant({}, {"tma": False}), "tma": Variant({}, {"tma": True})},
 }
@@ -134,6 +135,7 @@ def _recording(env):
         (runtime.traceable, lambda kernel: _Seam(kernel, launches)),
         (runtime.multiprocessors, lambda: H100.multi_processor_count),
         (runtime._device_properties, lambda index=None: H100),
+        (attention_launch.kept_tile_lists, _kept_tile_lists),
     ]
     modules = [m for name, m in list(sys.modules.items()) if name.startswith(kernels.__name__)]
     with contextlib.ExitStack() as stack, mock.patch.dict(os.environ):
@@ -149,6 +151,13 @@ def _recording(env):
                         stack.enter_context(mock.patch.object(module, attr, stand_in))
         with FakeTensorMode():
             yield launches
+
+
+def _kept_tile_lists(keep, mask_block, lk, is_causal, by_columns=False):
+    """The lists' shape and dtype: fake CUDA tensors cannot be made by torch.arange on a build
+    without CUDA, and the kernels' compilation needs no more."""
+    B, H, R, C = keep.shape
+    return torch.empty((B, H, C, 2 + R) if by_columns else (B, H, R, 2 + C), dtype=torch.int32, device=keep.device)
 
 
 def _mock(arg):

@@ -26,6 +26,7 @@ from .attention_launch import (
     AttentionKernel,
     check_attention_operands,
     head_block,
+    kept_tile_lists,
     kernel_meta,
     mask_view,
     widen,
@@ -145,28 +146,40 @@ def attention_backward(
     dv = torch.empty((B, Hk, Lk, Ev), device=q.device, dtype=q.dtype)
     ds = torch.zeros((B, H, Lq, Lk), device=q.device, dtype=torch.float32) if mask_grad else None
     mask, mask_strides = mask_view(attn_mask, (B, H, Lq, Lk))
-    # keep is read as it is: bool loads as int1, uint8 as int8; the kernels test it against zero.
     sizes = (H, H // Hk, Lq, Lk, E, Ev, size_key(Lq), size_key(Lk))
-    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *keep.stride(), *grad_out.stride())
     factors = (float(scale) * LOG2E_VALUE, float(scale), float(drop_scale))
     meta = kernel_meta(
         (q, k, v, grad_out), mask_block, attn_mask, is_causal, drop_keys, allow_tf32, tma, warp_specialize
     )
-    operands = (q, k, v, mask, keep, grad_out, lse, delta)
+
+    def operands(table, table_strides):
+        """What both kernels take first, with this tile table (keep, or a drop-keys list)."""
+        strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *table_strides, *grad_out.stride())
+        return (q, k, v, mask, table, grad_out, lse, delta), (*sizes, *strides, *factors)
+
+    # keep is read as it is (bool loads as int1, uint8 as int8); drop-keys loops over kept tiles:
+    # dK/dV by columns, its list's line and entry strides in the table's column and row slots.
+    rows, columns = keep, keep
+    if drop_keys:
+        rows = kept_tile_lists(keep, mask_block, Lk, is_causal)
+        columns = kept_tile_lists(keep, mask_block, Lk, is_causal, by_columns=True)
+    column_strides = columns.stride()[:2] + columns.stride()[2:][::-1] if drop_keys else columns.stride()
+    head, tail = operands(columns, column_strides)
     GRAD_KV.launch(
         lambda tiles: (triton.cdiv(Lk, tiles["BLOCK_N"]), Hk, B),
         configs[0],
         mask_block,
         q.element_size(),
-        (*operands, dk, dv, ds, *sizes, *strides, *factors),
+        (*head, dk, dv, ds, *tail),
         dict(meta, STORE_DS=mask_grad),
     )
+    head, tail = operands(rows, rows.stride())
     GRAD_Q.launch(
         lambda tiles: (triton.cdiv(Lq, tiles["BLOCK_M"]), H, B),
         configs[1],
         mask_block,
         q.element_size(),
-        (*operands, dq, *sizes, *strides, *factors),
+        (*head, dq, *tail),
         meta,
     )
     d_mask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None

@@ -3,12 +3,14 @@
 O = (P ⊙ M) V / (1 - p) with P = softmax(q kᵀ · scale + mask): an online softmax over key
 tiles (no (Lq, Lk) matrix in memory), the normaliser covering every key, kept or dropped. M is
 the tile table: each semantic (MASK_BM, MASK_BN) tile of a (query, key) plane is kept or
-dropped whole. A dropped tile still needs q kᵀ (for the normaliser) but skips loading V and the
-P V product. Saves the log-sum-exp of each query row (natural units) for the backward pass.
-The key loop visits every tile and branches on the tile table around V (the one branch in the
-loop): a compact list of kept tiles, as the masked GEMMs use, would skip the normaliser's tiles.
-Under the drop-keys policy (DropKey) a dropped tile is hidden before the softmax instead, so the
-branch skips the whole tile.
+dropped whole. A dropped tile still needs q kᵀ (for the normaliser). Saves the log-sum-exp of
+each query row (natural units) for the backward pass.
+
+The key loop visits every tile and zeroes a dropped tile's P before P V: the loop has no branch,
+so Triton pipelines every load (with V's load under a branch it did not, sm_90 compile); the P V
+products of dropped tiles are the price. Under the drop-keys policy (DropKey) a dropped tile is
+hidden before the softmax instead, so the loop runs over a list of the kept tiles
+(attention_launch.kept_tile_lists) and never visits a dropped one.
 
 The key loop is split in two: the tiles left of the diagonal (and, without causality, all but a
 ragged last tile) skip the per-element causal and edge tests; the rest apply them. Operands are
@@ -23,12 +25,24 @@ import triton.language as tl
 from .attention_launch import (
     AttentionKernel,
     check_attention_operands,
+    kept_tile_lists,
     kernel_meta,
     mask_view,
     widen,
     widened_for_interpreter,
 )
-from .attention_tiling import LN2, LOG2E, key_tiles, query_tile, scores, store_tile, tile_kept, transposed_tile
+from .attention_tiling import (
+    LN2,
+    LOG2E,
+    key_tiles,
+    listed_bounds,
+    listed_tile,
+    query_tile,
+    scores,
+    store_tile,
+    tile_kept,
+    transposed_tile,
+)
 from .runtime import size_key
 from .tiling import operand, operand_tile
 
@@ -128,7 +142,10 @@ def attention_forward_kernel(
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_EV), dtype=tl.float32)
     state = (acc, row_max, row_sum)
-    inner_end, end = key_tiles(start_m, LK, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    if DROP_KEYS:
+        inner_end, end = listed_bounds(keep_base + (start_m // MASK_BM) * stride_keep_m, stride_keep_n, MASK_BN)
+    else:
+        inner_end, end = key_tiles(start_m, LK, IS_CAUSAL, BLOCK_M, BLOCK_N)
     # Two loops: the first has no per-element causal or edge test, the second covers the diagonal
     # and the ragged last tile.
     state = _key_loop(
@@ -176,32 +193,36 @@ def _key_loop(
     WARP_SPECIALIZE: tl.constexpr,
 ):
     """The online softmax over the key tiles [lo, hi) of the query tile at start_m: state =
-    (acc, row_max, row_sum) updated tile by tile. Under DROP_KEYS a dropped tile is skipped whole;
-    otherwise it enters the normaliser and only its P V is skipped."""
+    (acc, row_max, row_sum) updated tile by tile. A dropped tile enters the normaliser and its P
+    is zeroed before P V (V's loads stay unconditional, so Triton pipelines them). Under DROP_KEYS,
+    [lo, hi) are positions in the row's list of kept tiles (listed_tile), so dropped tiles are
+    never visited."""
     acc, row_max, row_sum = state
     k_src, v_src, LK, E, EV, stride_kn, stride_ke, stride_vn, stride_ve = sources
     LQ, qk_scale, stride_mm, stride_mn = masking
     keep_base, stride_keep_m, stride_keep_n = table
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        kept = tile_kept(keep_base, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN)
-        visit = kept if DROP_KEYS else True
-        if visit:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k_t = transposed_tile(k_src, start_n, LK, E, stride_kn, stride_ke, BLOCK_N, BLOCK_E, TMA)
-            s = scores(
-                q, k_t, offs_m, offs_n, LQ, LK, qk_scale, mask_base, stride_mm, stride_mn,
-                HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION, EDGE,
-            )  # fmt: skip
-            new_max = tl.maximum(row_max, tl.max(s, 1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen no key yet
-            p = tl.math.exp2(s - shift[:, None])
-            alpha = tl.math.exp2(row_max - shift)
-            row_sum = row_sum * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            v = operand_tile(v_src, start_n, 0, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, False, TMA)
-            p_kept = tl.where(kept, p, 0.0)
-            acc = tl.dot(p_kept.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-            row_max = new_max
+    for position in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        if DROP_KEYS:
+            start_n = listed_tile(keep_base + (start_m // MASK_BM) * stride_keep_m, position, stride_keep_n, MASK_BN)
+        else:
+            start_n = position
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = transposed_tile(k_src, start_n, LK, E, stride_kn, stride_ke, BLOCK_N, BLOCK_E, TMA)
+        s = scores(
+            q, k_t, offs_m, offs_n, LQ, LK, qk_scale, mask_base, stride_mm, stride_mn,
+            HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION, EDGE,
+        )  # fmt: skip
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen no key yet
+        p = tl.math.exp2(s - shift[:, None])
+        alpha = tl.math.exp2(row_max - shift)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = operand_tile(v_src, start_n, 0, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, False, TMA)
+        if not DROP_KEYS:
+            p = tl.where(tile_kept(keep_base, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN), p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        row_max = new_max
     return acc, row_max, row_sum
 
 
@@ -258,7 +279,8 @@ def attention_forward(
     out = torch.empty((B, H, Lq, Ev), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     mask, mask_strides = mask_view(attn_mask, (B, H, Lq, Lk))
-    # keep is read as it is: bool loads as int1, uint8 as int8; the kernels test it against zero.
+    # keep is read as it is (bool loads as int1, uint8 as int8); drop-keys loops over kept tiles.
+    keep = kept_tile_lists(keep, mask_block, Lk, is_causal) if drop_keys else keep
     args = (
         q, k, v, mask, keep, out, lse, H, H // Hk, Lq, Lk, E, Ev, size_key(Lq), size_key(Lk),
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *keep.stride(), *out.stride(),

@@ -5,7 +5,16 @@ head of its group, so grouped-query attention sums its gradients without atomics
 import triton
 import triton.language as tl
 
-from .attention_tiling import LOG2E, query_tiles, scores, store_tile, tile_kept, transposed_tile
+from .attention_tiling import (
+    LOG2E,
+    listed_bounds,
+    listed_tile,
+    query_tiles,
+    scores,
+    store_tile,
+    tile_kept,
+    transposed_tile,
+)
 from .tiling import operand, operand_tile
 
 
@@ -97,7 +106,6 @@ def attention_grad_kv_kernel(
     v = operand_tile(v_src, start_n, 0, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, False, TMA)
     dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_EV), dtype=tl.float32)
-    start, inner_start = query_tiles(start_n, LQ, IS_CAUSAL, BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -112,13 +120,19 @@ def attention_grad_kv_kernel(
         table = (keep_base, stride_keep_m, stride_keep_n)
         ds_base = ds_ptr + rows * LK if STORE_DS else ds_ptr
         # The query tiles that straddle the diagonal apply the causal test; the rest skip it.
+        if DROP_KEYS:
+            start = 0
+            inner_start, end = listed_bounds(keep_base + (start_n // MASK_BN) * stride_keep_n, stride_keep_m, MASK_BM)
+        else:
+            start, inner_start = query_tiles(start_n, LQ, IS_CAUSAL, BLOCK_M, BLOCK_N)
+            end = LQ
         dk, dv = _query_loop(
             dk, dv, k, v, offs_n, start_n, start, inner_start, sources, mask_base, masking, table, ds_base,
             HAS_MASK, MASK_BOOL, IS_CAUSAL, DROP_KEYS, STORE_DS, MASK_BM, MASK_BN, BLOCK_M, BLOCK_E, BLOCK_EV, True,
             INPUT_PRECISION, TMA, WARP_SPECIALIZE,
         )  # fmt: skip
         dk, dv = _query_loop(
-            dk, dv, k, v, offs_n, start_n, inner_start, LQ, sources, mask_base, masking, table, ds_base, HAS_MASK,
+            dk, dv, k, v, offs_n, start_n, inner_start, end, sources, mask_base, masking, table, ds_base, HAS_MASK,
             MASK_BOOL, IS_CAUSAL, DROP_KEYS, STORE_DS, MASK_BM, MASK_BN, BLOCK_M, BLOCK_E, BLOCK_EV, False,
             INPUT_PRECISION, TMA, WARP_SPECIALIZE,
         )  # fmt: skip
@@ -157,32 +171,36 @@ def _query_loop(
     TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
-    """dK and dV of one key tile accumulated over the query tiles [lo, hi) of one head. Works on
+    """dK and dV of one key tile accumulated over the query tiles [lo, hi) of one head (under
+    DROP_KEYS, positions in its column's list of kept tiles: listed_tile). Works on
     the transposes (Sᵀ = K Qᵀ, Pᵀ, dPᵀ = V dOᵀ, dSᵀ), as the Triton tutorial's backward does, so
     that Pᵀ and dSᵀ, the left operands of dV's and dK's products, are made where they are used:
     transposing them in registers cost shared-memory round trips and, at large tiles, spills."""
     q_src, do_src, LQ, E, EV, stride_qm, stride_qe, stride_gm, stride_ge = sources
     LK, qk_scale, drop_scale, stride_mm, stride_mn, lse_ptr, delta_ptr = masking
     keep_base, stride_keep_m, stride_keep_n = table
-    for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
-        kept = tile_kept(keep_base, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN)
-        visit = kept if DROP_KEYS else True
-        if visit:
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_t = transposed_tile(q_src, start_m, LQ, E, stride_qm, stride_qe, BLOCK_M, BLOCK_E, TMA)
-            do = operand_tile(do_src, start_m, 0, LQ, EV, stride_gm, stride_ge, BLOCK_M, BLOCK_EV, False, TMA)
-            lse = tl.load(lse_ptr + offs_m, mask=offs_m < LQ, other=float("inf"))
-            delta = tl.load(delta_ptr + offs_m, mask=offs_m < LQ, other=0.0)
-            s_t = scores(
-                k, q_t, offs_m, offs_n, LQ, LK, qk_scale, mask_base, stride_mm, stride_mn,
-                HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION, EDGE, True,
-            )  # fmt: skip
-            p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)
+    for position in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
+        if DROP_KEYS:
+            start_m = listed_tile(keep_base + (start_n // MASK_BN) * stride_keep_n, position, stride_keep_m, MASK_BM)
+            factor = drop_scale
+        else:
+            start_m = position
+            kept = tile_kept(keep_base, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN)
             factor = tl.where(kept, drop_scale, 0.0)
-            dv = tl.dot((p_t * factor).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION) * factor
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION)
-            if STORE_DS:
-                store_tile(ds_ptr, ds_t, offs_n, offs_m, LK, LQ, 1, LK)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_t = transposed_tile(q_src, start_m, LQ, E, stride_qm, stride_qe, BLOCK_M, BLOCK_E, TMA)
+        do = operand_tile(do_src, start_m, 0, LQ, EV, stride_gm, stride_ge, BLOCK_M, BLOCK_EV, False, TMA)
+        lse = tl.load(lse_ptr + offs_m, mask=offs_m < LQ, other=float("inf"))
+        delta = tl.load(delta_ptr + offs_m, mask=offs_m < LQ, other=0.0)
+        s_t = scores(
+            k, q_t, offs_m, offs_n, LQ, LK, qk_scale, mask_base, stride_mm, stride_mn,
+            HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION, EDGE, True,
+        )  # fmt: skip
+        p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)
+        dv = tl.dot((p_t * factor).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION) * factor
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION)
+        if STORE_DS:
+            store_tile(ds_ptr, ds_t, offs_n, offs_m, LK, LQ, 1, LK)
     return dk, dv

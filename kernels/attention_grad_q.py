@@ -4,7 +4,17 @@ and the launcher): one program per query tile, looping over key tiles."""
 import triton
 import triton.language as tl
 
-from .attention_tiling import LOG2E, key_tiles, query_tile, scores, store_tile, tile_kept, transposed_tile
+from .attention_tiling import (
+    LOG2E,
+    key_tiles,
+    listed_bounds,
+    listed_tile,
+    query_tile,
+    scores,
+    store_tile,
+    tile_kept,
+    transposed_tile,
+)
 from .tiling import operand, operand_tile
 
 
@@ -97,7 +107,10 @@ def attention_grad_q_kernel(
     masking = (LQ, qk_scale, drop_scale, stride_mm, stride_mn, lse, delta)
     table = (keep_ptr + b * stride_keep_b + h * stride_keep_h, stride_keep_m, stride_keep_n)
     dq = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    inner_end, end = key_tiles(start_m, LK, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    if DROP_KEYS:
+        inner_end, end = listed_bounds(table[0] + (start_m // MASK_BM) * stride_keep_m, stride_keep_n, MASK_BN)
+    else:
+        inner_end, end = key_tiles(start_m, LK, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_key_loop(
         dq, q, do, offs_m, start_m, 0, inner_end, sources, mask_base, masking, table, HAS_MASK, MASK_BOOL, IS_CAUSAL,
         DROP_KEYS, MASK_BM, MASK_BN, BLOCK_N, BLOCK_E, BLOCK_EV, False, INPUT_PRECISION, TMA, WARP_SPECIALIZE,
@@ -136,23 +149,28 @@ def _dq_key_loop(
     TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
-    """dQ of one query tile accumulated over the key tiles [lo, hi)."""
+    """dQ of one query tile accumulated over the key tiles [lo, hi) (under DROP_KEYS, positions in
+    its row's list of kept tiles: listed_tile)."""
     k_src, v_src, LK, E, EV, stride_kn, stride_ke, stride_vn, stride_ve = sources
     LQ, qk_scale, drop_scale, stride_mm, stride_mn, lse, delta = masking
     keep_base, stride_keep_m, stride_keep_n = table
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        kept = tile_kept(keep_base, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN)
-        visit = kept if DROP_KEYS else True
-        if visit:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = operand_tile(k_src, start_n, 0, LK, E, stride_kn, stride_ke, BLOCK_N, BLOCK_E, False, TMA)
-            s = scores(
-                q, tl.trans(k), offs_m, offs_n, LQ, LK, qk_scale, mask_base, stride_mm, stride_mn,
-                HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION, EDGE,
-            )  # fmt: skip
-            p = tl.math.exp2(s - lse[:, None] * LOG2E)
-            v_t = transposed_tile(v_src, start_n, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, TMA)
-            dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION) * tl.where(kept, drop_scale, 0.0)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    for position in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        if DROP_KEYS:
+            start_n = listed_tile(keep_base + (start_m // MASK_BM) * stride_keep_m, position, stride_keep_n, MASK_BN)
+            factor = drop_scale
+        else:
+            start_n = position
+            kept = tile_kept(keep_base, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM, MASK_BN)
+            factor = tl.where(kept, drop_scale, 0.0)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = operand_tile(k_src, start_n, 0, LK, E, stride_kn, stride_ke, BLOCK_N, BLOCK_E, False, TMA)
+        s = scores(
+            q, tl.trans(k), offs_m, offs_n, LQ, LK, qk_scale, mask_base, stride_mm, stride_mn,
+            HAS_MASK, MASK_BOOL, IS_CAUSAL, INPUT_PRECISION, EDGE,
+        )  # fmt: skip
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)
+        v_t = transposed_tile(v_src, start_n, LK, EV, stride_vn, stride_ve, BLOCK_N, BLOCK_EV, TMA)
+        dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION) * factor
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq

@@ -122,6 +122,32 @@ def _tma_readable(t):
     return t.stride(3) == 1 and aligned and start_address(t) % 16 == 0
 
 
+def kept_tile_lists(keep, mask_block, lk, is_causal, by_columns=False):
+    """The drop-keys kernels' loops: for each (batch, head) and each block-row of the tile table
+    keep (B, H, R, C) (each block-column if by_columns), int32 [first, count, t_1 .. t_count, ...]:
+    the kept tiles that the row's queries see at all (under is_causal), in ascending order, after
+    two counts. The first `first` of them need no per-element test in the kernels' loops: for rows,
+    the tiles wholly inside lk and (causal) wholly seen by the row's first query; for columns, the
+    tiles that straddle the diagonal and need the test (none without causality). Laid out
+    (B, H, R, 2 + C) or (B, H, C, 2 + R)."""
+    bm, bn = mask_block
+    rows = torch.arange(keep.shape[2], device=keep.device)[:, None]
+    cols = torch.arange(keep.shape[3], device=keep.device)[None, :]
+    seen = cols * bn <= rows * bm + bm - 1 if is_causal else torch.ones_like(rows * cols, dtype=torch.bool)
+    if by_columns:
+        first = seen & (rows * bm < cols * bn + bn - 1) if is_causal else torch.zeros_like(seen)
+    else:
+        first = ((cols + 1) * bn <= lk) & ((cols + 1) * bn - 1 <= rows * bm if is_causal else True)
+    listed = keep.bool() & seen
+    if by_columns:
+        listed, first = listed.transpose(2, 3), first.t()
+    n = listed.shape[3]
+    index = torch.arange(n, device=keep.device)
+    order = torch.where(listed, index, n + index).sort(dim=3).values
+    counts = torch.stack([(listed & first).sum(3), listed.sum(3)], dim=3)
+    return torch.cat([counts, order], dim=3).to(torch.int32)
+
+
 def head_block(d):
     """A head dim padded to a power of two of at least 16 (what tl.dot needs)."""
     return max(16, triton.next_power_of_2(d))

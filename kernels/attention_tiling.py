@@ -101,6 +101,21 @@ def tile_kept(keep_ptr, start_m, start_n, stride_keep_m, stride_keep_n, MASK_BM:
 
 
 @triton.jit
+def listed_bounds(line, stride, MASK_B: tl.constexpr):
+    """(first, end) of a loop over a kept-tile list (attention_launch.kept_tile_lists) at line,
+    entries stride apart: the loop runs over positions [0, end) of the listed tiles laid side by
+    side, MASK_B per tile, the first loop over [0, first)."""
+    return tl.load(line) * MASK_B, tl.load(line + stride) * MASK_B
+
+
+@triton.jit
+def listed_tile(line, position, stride, MASK_B: tl.constexpr):
+    """Where position (see listed_bounds) lies in the (query or key) sequence: in listed tile
+    position // MASK_B, at offset position % MASK_B."""
+    return tl.load(line + (2 + position // MASK_B) * stride) * MASK_B + position % MASK_B
+
+
+@triton.jit
 def query_tile(IS_CAUSAL: tl.constexpr):
     """The query tile of a program whose grid's first axis runs over query tiles. Under IS_CAUSAL
     the last tiles, which see the most keys, come first, so that the shortest programs fill the
