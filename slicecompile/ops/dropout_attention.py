@@ -96,10 +96,10 @@ def draw_attention_mask(
     is_causal=False,
 ):
     """An AttentionMask over (batch, heads, lq, lk): every (BM, BN) tile kept independently with
-    probability 1 - p, by one Bernoulli draw on device (one kernel on a GPU; under policy="dropkey"
-one torch.rand, whose values also choose the tiles kept back). Under "dropkey", a query block-row
-    left with no kept tile that all its queries see (under is_causal) gets one back
-    (_one_tile_per_row). Sizes may be symbolic (torch.compile)."""
+    probability 1 - p, by one Bernoulli draw on device (one kernel on a GPU). Under
+    policy="dropkey" the draw is one torch.rand, and a query block-row left with no kept tile that
+    all its queries see (under is_causal) gets one back (_one_tile_per_row). Sizes may be symbolic
+    (torch.compile)."""
     for name, value in (("batch", batch), ("heads", heads), ("lq", lq), ("lk", lk)):
         _check_size(name, value)
     check_p(p)
