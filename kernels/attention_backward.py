@@ -5,9 +5,10 @@ O = (P ⊙ M) V s, the gradients are
     dV = (P ⊙ M)ᵀ dO · s,    dP = (dO Vᵀ) ⊙ M · s,    D = rowsum(dO ⊙ O),
     dS = P ⊙ (dP − D),       dQ = dS K · scale,        dK = dSᵀ Q · scale,
 and the additive mask's gradient is dS summed over its broadcast dims. P is recomputed per tile
-from q, k and the forward's log-sum-exp. On a dropped tile dP = 0, so it skips loading V and the
-two GEMMs on the P·V side (dV's and dP's) but still adds dS = −P·D into dQ and dK. Under the
-drop-keys policy a dropped tile has P = 0, so every loop skips it whole.
+from q, k and the forward's log-sum-exp. On a dropped tile dP = 0 and its P leaves dV alone: the
+loops multiply both by zero there rather than branch (so Triton pipelines their loads), and
+still add dS = −P·D into dQ and dK. Under the drop-keys policy a dropped tile has P = 0, so the
+loops run over lists of the kept tiles and never visit it.
 
 Three kernels: D per query row; dK and dV per key tile, looping over the query tiles of every
 head of its group (grouped-query attention sums the group's gradients there, in a fixed order,

@@ -106,7 +106,8 @@ def attention_forward_kernel(
 ):
     """q: (B, H, LQ, E), k: (B, H // GROUP, LK, E), v: (B, H // GROUP, LK, EV), mask: the
     attention mask seen as (B, H, LQ, LK) (bool as uint8, or additive; stride 0 on broadcast
-    dims) if HAS_MASK, keep: (B, H, cdiv(LQ, MASK_BM), cdiv(LK, MASK_BN)) uint8 tile table,
+    dims) if HAS_MASK, keep: (B, H, cdiv(LQ, MASK_BM), cdiv(LK, MASK_BN)) bool or uint8 tile table
+    (under DROP_KEYS, int32 kept-tile lists by block-row: attention_launch.kept_tile_lists),
     out: (B, H, LQ, EV), lse: (B, H, LQ) float32 contiguous.
 
     Program (i, h, b) computes query rows [i * BLOCK_M, (i + 1) * BLOCK_M) of head h,

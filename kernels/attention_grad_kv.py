@@ -81,17 +81,18 @@ def attention_grad_kv_kernel(
     TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
-    """q, mask, keep as in attention_forward_kernel; k: (B, H // GROUP, LK, E), v: (B, H // GROUP,
-    LK, EV); grad: (B, H, LQ, EV), dO; lse, delta: (B, H, LQ) float32 contiguous; dk, dv:
-    contiguous like k and v; ds: (B, H, LQ, LK) float32 contiguous if STORE_DS (zeros where
-    causality or DROP_KEYS skips a tile).
+    """q, mask as in attention_forward_kernel; keep as there, but under DROP_KEYS its lists are by
+    block-column, their line stride in stride_keep_n and their entry stride in stride_keep_m;
+    k: (B, H // GROUP, LK, E), v: (B, H // GROUP, LK, EV); grad: (B, H, LQ, EV), dO; lse, delta:
+    (B, H, LQ) float32 contiguous; dk, dv: contiguous like k and v; ds: (B, H, LQ, LK) float32
+    contiguous if STORE_DS (zeros where causality or DROP_KEYS skips a tile).
 
     Program (j, hk, b) computes dK and dV of key rows [j * BLOCK_N, (j + 1) * BLOCK_N) of kv head
     hk, summed over the GROUP query heads hk * GROUP + g that read it: for each query tile (under
-    IS_CAUSAL only those at or past the diagonal) P = exp(S − lse); on kept tiles
-    dV += (P s)ᵀ dO and dP = dO Vᵀ s, on dropped ones dP = 0 (under DROP_KEYS dropped tiles are
-    skipped whole); dS = P (dP − D); dK += dSᵀ Q. dK is scaled by scale at the end. STORE_DS also
-    writes dS (the additive mask's gradient). TMA, WARP_SPECIALIZE: as in attention_forward_kernel."""
+    IS_CAUSAL only those at or past the diagonal) P = exp(S − lse); dV += (P m s)ᵀ dO and
+    dP = dO Vᵀ m s, m the tile's 1 or 0 (under DROP_KEYS dropped tiles are never visited);
+    dS = P (dP − D); dK += dSᵀ Q. dK is scaled by scale at the end. STORE_DS also writes dS (the
+    additive mask's gradient). TMA, WARP_SPECIALIZE: as in attention_forward_kernel."""
     tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BN % BLOCK_N == 0, "tiles must divide the mask's block")
     # Inductor passes Python floats as float64: see attention_forward_kernel.
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)

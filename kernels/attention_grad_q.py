@@ -78,11 +78,11 @@ def attention_grad_q_kernel(
     TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
-    """Operands as in attention_grad_kv_kernel; dq: (B, H, LQ, E) contiguous. Program (i, h, b)
-    computes dQ of query rows [i * BLOCK_M, (i + 1) * BLOCK_M) of head h: for each key tile
-    (under IS_CAUSAL those up to the diagonal; under DROP_KEYS kept ones only) P = exp(S − lse);
-    dP = dO Vᵀ s on kept tiles, 0 on dropped ones (V not loaded); dQ += P (dP − D) K; scaled by
-    scale at the end."""
+    """Operands as in attention_forward_kernel (keep included), grad, lse and delta as in
+    attention_grad_kv_kernel; dq: (B, H, LQ, E) contiguous. Program (i, h, b) computes dQ of query
+    rows [i * BLOCK_M, (i + 1) * BLOCK_M) of head h: for each key tile (under IS_CAUSAL those up to
+    the diagonal; under DROP_KEYS kept ones only) P = exp(S − lse); dP = dO Vᵀ m s, m the tile's 1
+    or 0; dQ += P (dP − D) K; scaled by scale at the end."""
     tl.static_assert(MASK_BM % BLOCK_M == 0 and MASK_BN % BLOCK_N == 0, "tiles must divide the mask's block")
     # Inductor passes Python floats as float64: see attention_forward_kernel.
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
