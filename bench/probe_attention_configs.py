@@ -26,10 +26,10 @@ KERNELS = [("forward", FORWARD), ("dk_dv", GRAD_KV), ("dq", GRAD_Q)]
 BLOCK = (128, 128)
 
 
-def operands(B, H, L, E, dtype, device, p, causal):
+def operands(B, H, L, E, dtype, device, p, causal, policy="dropout"):
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, L, E, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    mask = draw_attention_mask(B, H, L, L, p, BLOCK, device=device)
+    mask = draw_attention_mask(B, H, L, L, p, BLOCK, device=device, policy=policy, is_causal=causal)
     return q, k, v, mask
 
 
@@ -38,13 +38,14 @@ def ours(q, k, v, mask, causal, configs, tma):
     E = q.shape[-1]
     common = (mask.tiles, mask.block, mask.scale, E**-0.5)
     grad = torch.randn(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+    paths = dict(tma=tma, drop_keys=mask.policy == "dropkey")
 
     def step():
         out, lse = attention_forward(
-            q.detach(), k.detach(), v.detach(), *common, None, causal, config=configs[0], tma=tma
+            q.detach(), k.detach(), v.detach(), *common, None, causal, config=configs[0], **paths
         )
         grads = attention_backward(grad, q.detach(), k.detach(), v.detach(), out, lse, *common, None, causal,
-                                   configs=configs[1:], tma=tma)  # fmt: skip
+                                   configs=configs[1:], **paths)  # fmt: skip
         return out, grads[:3], grad
 
     return step
@@ -112,8 +113,8 @@ def time_all(args):
     rows, gpu = Rows(args.csv), torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     for shape, causal in itertools.product(args.shapes, args.causal):
         B, H, L, E = shape
-        q, k, v, mask = operands(B, H, L, E, torch.bfloat16, args.device, args.p, bool(causal))
-        base = dict(gpu=gpu, shape=",".join(map(str, shape)), causal=causal, p=args.p)
+        q, k, v, mask = operands(B, H, L, E, torch.bfloat16, args.device, args.p, bool(causal), args.policy)
+        base = dict(gpu=gpu, shape=",".join(map(str, shape)), causal=causal, p=args.p, policy=args.policy)
         grad = torch.randn_like(q)
         for name, p in (("sdpa", 0.0), ("sdpa_dropout", args.p)):
             times = kernel_times(sdpa(q, k, v, grad, p, bool(causal)))
@@ -122,9 +123,9 @@ def time_all(args):
         for path, index in itertools.product(args.paths, range(len(KERNELS))):
             name, kernel = KERNELS[index]
             tma = path == "tma"
-            for c in kernel.candidates(2, E, E, BLOCK):
-                configs = [as_config(kernel.candidates(2, E, E, BLOCK)[0]) for _, kernel in KERNELS]
-                configs[index] = as_config(c)
+            firsts = [as_config(each.candidates(2, E, E, BLOCK)[0]) for _, each in KERNELS]
+            for c in kernel.candidates(2, E, E, BLOCK)[: 1 if args.first else None]:
+                configs = firsts[:index] + [as_config(c)] + firsts[index + 1 :]
                 try:
                     times = kernel_times(ours(q, k, v, mask, bool(causal), configs, tma))
                     ms = next(t for n, t in times.items() if n.startswith(kernel.kernel.__name__))
@@ -180,6 +181,8 @@ def main():
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--p", type=float, default=0.1)
     parser.add_argument("--paths", nargs="+", choices=("ptr", "tma"), default=["ptr"])
+    parser.add_argument("--policy", choices=("dropout", "dropkey"), default="dropout")
+    parser.add_argument("--first", action="store_true", help="time each kernel's first candidate only")
     parser.add_argument("--csv")
     args = parser.parse_args()
     args.shapes = [tuple(map(int, s.split(","))) for s in args.shapes]

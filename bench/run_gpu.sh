@@ -102,9 +102,12 @@ for part in $parts; do
       done
       timeout "${ATTENTION_TEST_S:-150}" python3 bench/probe_attention_configs.py --length 512 > "$out/probe_checks.log" 2>&1 &
       wait
-      timeout "${PROBE_S:-300}" python3 bench/probe_attention_configs.py --time --paths ptr tma \
-        --shapes 8,12,1024,64 4,16,2048,128 16,12,512,64 2,32,4096,128 --csv bench/results/attention_configs.csv \
-        2>&1 | tee "$out/probe_times.log" | sed -n '/^Summary/,$p'
+      P="--time --paths ptr tma --shapes 8,12,1024,64 4,16,2048,128 16,12,512,64 2,32,4096,128"
+      P="$P --csv bench/results/attention_configs.csv"
+      timeout "${PROBE_S:-300}" python3 bench/probe_attention_configs.py $P 2>&1 | tee "$out/probe_times.log" \
+        | sed -n '/^Summary/,$p'
+      timeout "${PROBE_DROPKEY_S:-60}" python3 bench/probe_attention_configs.py $P --policy dropkey --first 2>&1 \
+        | tee "$out/probe_times_dropkey.log" | sed -n '/^Summary/,$p'
       for tma in 0 1; do echo "== tests, TMA $tma"; tail -3 "$out/pytest_gpu_attention_tma$tma.log"; done
       echo "== probe checks: $(grep -c ' ok ' "$out/probe_checks.log") ok"; grep -E "WRONG|FAILED" "$out/probe_checks.log" | head ;;
     gpt2)
