@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from slicecompile import draw_attention_mask, dropout_attention_reference
 from slicecompile.kernels import attention_backward, attention_forward
+from slicecompile.kernels.attention_launch import kept_tile_lists
 from slicecompile.ops import attention_reference
 
 from conftest import DEVICE
@@ -344,3 +345,34 @@ def test_autotuning_fits_the_semantic_block(tmp_path):
     env = dict(os.environ, SLICECOMPILE_AUTOTUNE="1", TRITON_CACHE_DIR=str(tmp_path))
     run = subprocess.run([sys.executable, "-c", _TUNE], env=env, capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.split()[-1] == "ok", run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("by_columns", [False, True])
+def test_kept_tile_lists(is_causal, by_columns):
+    """Drop-keys' loops: each line lists, ascending, exactly the kept tiles that some query of the
+    line sees, after (first, count); the first `first` need no per-element test (a row's tiles wholly
+    seen by its first query and inside Lk; a column's tiles that straddle the diagonal come first)."""
+    torch.manual_seed(3)
+    bm, bn, lk = 32, 16, 16 * 7 - 5
+    keep = torch.rand(2, 3, 5, 7, device=DEVICE) > 0.4
+    lists = kept_tile_lists(keep, (bm, bn), lk, is_causal, by_columns)
+    assert lists.dtype == torch.int32 and lists.shape == ((2, 3, 7, 7) if by_columns else (2, 3, 5, 9))
+    for b, h, line in ((b, h, line) for b in range(2) for h in range(3) for line in range(lists.shape[2])):
+        first, count, *tiles = lists[b, h, line].tolist()
+        expected, tests_free = [], []
+        for other in range(5 if by_columns else 7):
+            r, c = (other, line) if by_columns else (line, other)
+            seen = not is_causal or c * bn <= r * bm + bm - 1  # the row's last query sees the tile's first key
+            if keep[b, h, r, c] and seen:
+                expected.append(other)
+                if by_columns:
+                    tests_free.append(not is_causal or r * bm >= c * bn + bn - 1)
+                else:
+                    tests_free.append((c + 1) * bn <= lk and (not is_causal or (c + 1) * bn - 1 <= r * bm))
+        assert tiles[:count] == expected
+        needs_test = [not free for free in tests_free]
+        if by_columns:
+            assert first == sum(needs_test) and needs_test == sorted(needs_test, reverse=True)
+        else:
+            assert first == sum(tests_free) and tests_free == sorted(tests_free, reverse=True)
