@@ -53,14 +53,14 @@ class Site:
 
     @property
     def saved_flops(self):
-        """Expected FLOPs skipped: a fraction p of each of the three GEMMs; for attention, of
-        P·V's three (P·V, dV and dP), since q kᵀ, dQ and dK visit dropped tiles too, but under
-        "dropkey" of all six (a dropped tile is never visited; slightly less in fact, as a
-        block-row left with no visible tile keeps one); for a loss over hashed outputs, all but
-        four GEMMs of the active share (its backward recomputes the logits)."""
-        if not self.rewritten:
+        """Expected FLOPs skipped: a fraction p of each of the three GEMMs; for attention none
+        (its kernels zero a dropped tile's P rather than branch around it, so that their loads
+        pipeline), but under "dropkey" a fraction p of all six (a dropped tile is never visited;
+        slightly less in fact, as a block-row left with no visible tile keeps one); for a loss
+        over hashed outputs, all but four GEMMs of the active share (its backward recomputes the
+        logits)."""
+        if not self.rewritten or self.side == "attention" and self.policy != "dropkey":
             return 0
         if self.side == "loss":
             return max(0, round(self.dense_flops * (1 - 4 / 3 * self.p)))
-        skipping = self.gemms[1:] if self.side == "attention" and self.policy != "dropkey" else self.gemms
-        return round(self.p * sum(6 * m * k * n for m, k, n in skipping))
+        return round(self.p * self.dense_flops)

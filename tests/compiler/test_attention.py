@@ -235,12 +235,13 @@ def test_sites_that_stay_as_they_are(case):
     assert not site.rewritten and reason in site.reason, site.reason
 
 
-def test_explain_counts_the_skipped_attention_gemms():
-    """P·V, dV and dP skip a share p of their tiles; q kᵀ, dQ and dK do not."""
+def test_explain_counts_the_attention_gemms():
+    """Both GEMMs over all heads; the default policy computes every tile (a dropped tile's P is
+    zeroed, not skipped), so no FLOPs are saved."""
     q, v = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 8)
     (site,) = explain(Sdpa(), q, q, v, options=OPTIONS).sites
-    assert site.gemms == ((240, 16, 40), (240, 40, 8))
-    assert site.saved_flops == round(P * 6 * 240 * 40 * 8)
+    assert site.rewritten and site.gemms == ((240, 16, 40), (240, 40, 8))
+    assert site.saved_flops == 0 and site.dense_flops == 6 * 240 * 40 * (16 + 8)
 
 
 DROPKEY_SITES = {
