@@ -14,14 +14,9 @@ boundary between a dropout and its linear layer keeps the site (the "rewritten" 
         --tokens 256 --d-model 128 --steps 3      # a smoke test on the CPU (gloo)
 """
 
-import argparse
-import csv
-import datetime
 import os
 import pathlib
-import platform
 import statistics
-import time
 
 import torch
 
@@ -33,11 +28,11 @@ if not torch.cuda.is_available():
 
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import triton  # noqa: E402
 from bench_encoder import Encoder  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+from slicecompile.tools.bench import CsvFile, argument_parser, run_metadata, training_step  # noqa: E402
 from slicecompile.tools.timing import timed_steps  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -51,7 +46,7 @@ VARIANTS = {
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo and Triton's interpreter")
     parser.add_argument("--p", type=float, nargs="+", default=[0.1, 0.5])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -76,15 +71,15 @@ def parse_args():
 
 
 def setup(args):
-    """The process group, this rank's device and the device's name."""
+    """The process group and this rank's device."""
     if args.device == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
-        return device, torch.cuda.get_device_name(device)
+        return device
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     dist.init_process_group("gloo")
-    return torch.device("cpu"), platform.processor() or platform.machine()
+    return torch.device("cpu")
 
 
 def make_batches(args, device):
@@ -102,15 +97,7 @@ def make_batches(args, device):
 
 def timed(step, batches, args, device):
     """Each step's wall ms, the slowest rank's, and the mean loss over ranks."""
-    if device.type == "cuda":
-        times, losses = timed_steps(step, batches, args.steps)
-    else:
-        times, losses = [], []
-        for i in range(args.steps):
-            start = time.perf_counter()
-            loss = step(*batches[i % len(batches)])
-            times.append((time.perf_counter() - start) * 1000)
-            losses.append(loss.item())
+    times, losses = timed_steps(step, batches, args.steps, device)
     times, losses = torch.tensor(times, device=device), torch.tensor(losses, device=device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     dist.all_reduce(losses)
@@ -128,15 +115,7 @@ def train(variant, p, args, batches, device):
     if backend == "slicecompile" and args.min_gemm_size is not None:
         options = {**options, "min_gemm_size": args.min_gemm_size}
     compiled = torch.compile(ddp, backend=backend, options=options)
-
-    def step(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = nn.functional.mse_loss(compiled(x).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
+    step = training_step(compiled, optimizer, nn.functional.mse_loss, device.type)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dist.barrier()
@@ -149,44 +128,39 @@ def train(variant, p, args, batches, device):
 def main():
     args = parse_args()
     torch._dynamo.config.optimize_ddp = not args.no_graph_split
-    device, gpu = setup(args)
+    device = setup(args)
+    meta = run_metadata(device)
+    out = CsvFile(args.out, FIELDS, meta)  # every rank checks the file's header before the run
     batches = make_batches(args, device)
     world, rank = dist.get_world_size(), dist.get_rank()
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if rank == 0:
-        print_header(args, gpu, world)
-    rows = []
+        print_header(args, meta["gpu"], world)
     for p in args.p:
         inductor_ms = None
         for variant in args.variants:
             step_ms, rewritten, losses = train(variant, p, args, batches, device)
             inductor_ms = step_ms if variant == "inductor" else inductor_ms
-            rows.append(
-                dict(
-                    gpu=gpu,
-                    world_size=world,
-                    variant=variant,
-                    p=p,
-                    ddp_split=not args.no_graph_split,
-                    bucket_cap_mb=args.bucket_cap_mb,
-                    layers=args.layers,
-                    d_model=args.d_model,
-                    ffn=args.ffn,
-                    tokens_per_rank=args.tokens,
-                    step_ms=f"{step_ms:.3f}",
-                    speedup_vs_inductor=f"{inductor_ms / step_ms:.3f}" if inductor_ms else "",
-                    rewritten=rewritten,
-                    loss_first=f"{losses[0]:.5f}",
-                    loss_last=f"{losses[-1]:.5f}",
-                    torch=torch.__version__,
-                    triton=triton.__version__,
-                    timestamp=stamp,
-                )
+            row = dict(
+                world_size=world,
+                variant=variant,
+                p=p,
+                ddp_split=not args.no_graph_split,
+                bucket_cap_mb=args.bucket_cap_mb,
+                layers=args.layers,
+                d_model=args.d_model,
+                ffn=args.ffn,
+                tokens_per_rank=args.tokens,
+                step_ms=f"{step_ms:.3f}",
+                speedup_vs_inductor=f"{inductor_ms / step_ms:.3f}" if inductor_ms else "",
+                rewritten=rewritten,
+                loss_first=f"{losses[0]:.5f}",
+                loss_last=f"{losses[-1]:.5f}",
             )
             if rank == 0:
-                print_row(rows[-1])
+                print_row(row)
+                out.append(row)
     if rank == 0:
-        append_csv(rows, args.out)
+        print(f"rows appended to {out.path}")
     dist.destroy_process_group()
 
 
@@ -209,17 +183,6 @@ def print_row(row):
         f"{float(row['loss_first']):>12.4f}{float(row['loss_last']):>11.4f}",
         flush=True,
     )
-
-
-def append_csv(rows, out):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {out}")
 
 
 if __name__ == "__main__":

@@ -16,24 +16,23 @@ block-output; default CSV linear_dropout.csv.
 Modes: fwd, full (forward + backward; wall time per step, which includes the host's launch overhead
 when the host is slower than the GPU) and full_kernels (the summed GPU kernel time of one forward +
 backward, from torch.profiler: what the step costs once launch overhead is hidden, e.g. by CUDA
-graphs or a busy stream). Prints a table and appends rows to bench/results/<--csv>.
+graphs or a busy stream). With --rounds, each round times every provider once in turn, and each
+row's ms is the median over rounds. Prints a table and appends rows to bench/results/<--csv>.
 
     python bench/bench_dropout_linear.py --shapes 8192,4096,4096 --p 0 0.5
     python bench/bench_dropout_linear.py --side output --shapes 8192,4096,4096 --p 0 0.5
+    python bench/bench_dropout_linear.py --p 0.5 --rounds 5 --providers dropout_inductor slicecompile_inductor
 """
 
-import argparse
-import csv
-import datetime
+import functools
 import math
-import os
 import pathlib
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import slicecompile
+from slicecompile.tools.bench import CsvFile, Spread, argument_parser, interleave, run_metadata
 from slicecompile.tools.timing import kernel_ms, median_ms
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -85,28 +84,36 @@ def policy(side, provider):
     return "slice" if "_slice" in provider else "block"
 
 
-def run(shape, p, block, dtype, device, only=None, side="input"):
+def time_modes(fn, leaves, dy, device):
+    """{mode: ms} of one provider: fwd, full and full_kernels."""
+    with torch.no_grad():
+        fwd = median_ms(fn, device)
+        width = fn().shape[-1]
+    grad = dy[:, :width].contiguous()  # the output side's limit computes only the kept columns
+    step = lambda: fn().backward(grad)
+    return dict(fwd=fwd, full=median_ms(step, device, grad_to_none=leaves), full_kernels=kernel_ms(step, leaves))
+
+
+def run(shape, p, block, dtype, device, only=None, side="input", rounds=1):
+    """{provider: {mode: Spread over rounds}}; each round times every provider once in turn."""
     torch._dynamo.reset()  # each (shape, p) compiles afresh instead of hitting the recompile limit
     M, K, N = shape
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(N, K, device=device) / K**0.5).to(dtype).requires_grad_()
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    rows = []
-    for name, (fn, leaves) in SIDES[side][0](x, w, p, block).items():
-        if only and name not in only:
-            continue
-        with torch.no_grad():
-            fwd = median_ms(fn, device)
-            width = fn().shape[-1]
-        grad = dy[:, :width].contiguous()  # the output side's limit computes only the kept columns
-        step = lambda fn=fn, grad=grad: fn().backward(grad)
-        full = median_ms(step, device, grad_to_none=leaves)
-        rows += [(name, "fwd", fwd), (name, "full", full), (name, "full_kernels", kernel_ms(step, leaves))]
-    return rows
+    timers = {
+        name: functools.partial(time_modes, fn, leaves, dy, device)
+        for name, (fn, leaves) in SIDES[side][0](x, w, p, block).items()
+        if not only or name in only
+    }
+    return {
+        name: {mode: Spread.of([times[mode] for times in runs]) for mode in runs[0]}
+        for name, runs in interleave(timers, rounds).items()
+    }
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, rounds=1)
     parser.add_argument("--shapes", nargs="+", default=["8192,4096,4096"], help="M,K,N")
     parser.add_argument("--p", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--side", choices=SIDES, default="input", help="dropout on the linear's input or output")
@@ -118,42 +125,28 @@ def main():
     parser.add_argument("--csv", default=None, help="file under bench/results (default: by --side)")
     args = parser.parse_args()
     device = "cuda"
-    meta = dict(
-        gpu=torch.cuda.get_device_name(),
-        dtype=args.dtype,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-    out = RESULTS / (args.csv or SIDES[args.side][1])
-    os.makedirs(RESULTS, exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        print(f"{meta['gpu']}, {args.dtype}, torch {meta['torch']}, triton {meta['triton']}: median ms")
-        print(f"{'M,K,N':>16} {'p':>5} {'block':>8} {'provider':>22} {'fwd':>8} {'full':>8} {'kernels':>8}")
-        for shape in args.shapes:
-            for blk in args.blocks:
-                for p in args.p:
-                    M, K, N = map(int, shape.split(","))
-                    block = tuple(map(int, blk.split(",")))
-                    rows = run((M, K, N), p, block, DTYPES[args.dtype], device, args.providers, args.side)
-                    by_provider = {}
-                    for provider, mode, ms in rows:
-                        by_provider.setdefault(provider, {})[mode] = ms
-                        writer.writerow(
-                            meta
-                            | dict(M=M, K=K, N=N, p=p, block=blk, provider=provider, mode=mode, ms=f"{ms:.4f}")
-                            | dict(policy=policy(args.side, provider))
-                        )
-                    for provider, ms in by_provider.items():
-                        print(
-                            f"{shape:>16} {p:>5} {blk:>8} {provider:>22} {ms['fwd']:>8.3f} {ms['full']:>8.3f}"
-                            f" {ms['full_kernels']:>8.3f}"
-                        )
-                    f.flush()
+    meta = run_metadata(device) | dict(dtype=args.dtype)
+    out = CsvFile(RESULTS / (args.csv or SIDES[args.side][1]), FIELDS, meta)
+    print(f"{meta['gpu']}, {args.dtype}, torch {meta['torch']}, triton {meta['triton']}: median ms")
+    print(f"{'M,K,N':>16} {'p':>5} {'block':>8} {'provider':>22} {'fwd':>14} {'full':>14} {'kernels':>14}")
+    for shape in args.shapes:
+        for blk in args.blocks:
+            for p in args.p:
+                M, K, N = map(int, shape.split(","))
+                block = tuple(map(int, blk.split(",")))
+                results = run((M, K, N), p, block, DTYPES[args.dtype], device, args.providers, args.side, args.rounds)
+                for provider, modes in results.items():
+                    size = dict(M=M, K=K, N=N, p=p, block=blk, provider=provider, policy=policy(args.side, provider))
+                    out.append(*(size | dict(mode=mode, ms=f"{ms.median:.4f}") for mode, ms in modes.items()))
+                    cells = "".join(
+                        f" {cell(modes[mode], args.rounds):>14}" for mode in ("fwd", "full", "full_kernels")
+                    )
+                    print(f"{shape:>16} {p:>5} {blk:>8} {provider:>22}{cells}")
+
+
+def cell(ms, rounds):
+    """A table cell: the median, with its spread over rounds when there were several."""
+    return str(ms) if rounds > 1 else f"{ms.median:.3f}"
 
 
 if __name__ == "__main__":

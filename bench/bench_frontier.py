@@ -9,20 +9,19 @@ frontier.png from the newest run's curves (--plot only redraws it).
 """
 
 import csv
-import datetime
 import pathlib
 
 import torch
-import triton
 
 from slicecompile.demo import textdata
 from slicecompile.demo import train as demo
 from slicecompile.demo.model import Config
+from slicecompile.tools.bench import CsvFile, run_metadata
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-FIELDS = (
-    "gpu method p budget_s steps tokens_per_s val_loss best_val_loss layers width context batch torch triton timestamp"
-)
+FIELDS = "gpu method p budget_s steps tokens_per_s val_loss best_val_loss layers width context batch".split()
+FIELDS += "torch triton timestamp".split()
+CURVE_FIELDS = "timestamp method p train_seconds step val_loss".split()
 METHODS = {"no dropout": ("inductor", "-"), "F.dropout": ("inductor", "-"), "block": ("slicecompile", "block")}
 METHODS["slice"] = ("slicecompile", "slice")
 
@@ -38,45 +37,37 @@ def main():
     if args.plot:
         return plot(args.results)
     args.steps, device = 10**9, torch.device(args.device)
+    meta = run_metadata(device)
+    out = CsvFile(args.results / "frontier.csv", FIELDS, meta)
+    curves = CsvFile(args.results / "frontier_curves.csv", CURVE_FIELDS, meta)
     config = Config(context=args.context, layers=args.layers, heads=args.heads, width=args.width)
     data = textdata.load()
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    args.results.mkdir(parents=True, exist_ok=True)
-    out, curves_out = args.results / "frontier.csv", args.results / "frontier_curves.csv"
-    new = not out.exists()
-    with open(out, "a", newline="") as f, open(curves_out, "a", newline="") as g:
-        writer, curves = csv.DictWriter(f, FIELDS.split()), csv.writer(g)
-        if new:
-            writer.writeheader()
-            curves.writerow(["timestamp", "method", "p", "train_seconds", "step", "val_loss"])
-        for method in args.methods:
-            backend, policy = METHODS[method]
-            for p in [0.0] if method == "no dropout" else args.p:
-                run = demo.train(demo.Run(backend, policy, p), config, args, data, device)
-                curves.writerows([stamp, method, p, f"{t:.3f}", step, f"{v:.4f}"] for t, step, v in run.curve)
-                best = min(loss for _, _, loss in run.curve)
-                print(f"{method:<12} p={p:<5} {run.steps:>6} steps  val {run.curve[-1][2]:.4f}  best {best:.4f}")
-                writer.writerow(
-                    dict(
-                        gpu=gpu,
-                        method=method,
-                        p=p,
-                        budget_s=args.budget,
-                        steps=run.steps,
-                        tokens_per_s=f"{run.tokens / run.seconds:.0f}",
-                        val_loss=f"{run.curve[-1][2]:.4f}",
-                        best_val_loss=f"{best:.4f}",
-                        layers=args.layers,
-                        width=args.width,
-                        context=args.context,
-                        batch=args.batch,
-                        torch=torch.__version__,
-                        triton=triton.__version__,
-                        timestamp=stamp,
-                    )
+    for method in args.methods:
+        backend, policy = METHODS[method]
+        for p in [0.0] if method == "no dropout" else args.p:
+            run = demo.train(demo.Run(backend, policy, p), config, args, data, device)
+            points = [
+                dict(method=method, p=p, train_seconds=f"{t:.3f}", step=step, val_loss=f"{v:.4f}")
+                for t, step, v in run.curve
+            ]
+            curves.append(*points)
+            best = min(loss for _, _, loss in run.curve)
+            print(f"{method:<12} p={p:<5} {run.steps:>6} steps  val {run.curve[-1][2]:.4f}  best {best:.4f}")
+            out.append(
+                dict(
+                    method=method,
+                    p=p,
+                    budget_s=args.budget,
+                    steps=run.steps,
+                    tokens_per_s=f"{run.tokens / run.seconds:.0f}",
+                    val_loss=f"{run.curve[-1][2]:.4f}",
+                    best_val_loss=f"{best:.4f}",
+                    layers=args.layers,
+                    width=args.width,
+                    context=args.context,
+                    batch=args.batch,
                 )
-                f.flush(), g.flush()
+            )
     plot(args.results)
 
 

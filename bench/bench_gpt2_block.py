@@ -3,10 +3,11 @@ causal self-attention with eager softmax attention, and a tanh-GELU MLP; by defa
 d_model 768, 12 heads, 4 blocks, sequence 1024, batch 8 = 8192 tokens a step, bf16 autocast, AdamW) under
 eager, backend="inductor" and backend="slicecompile". Its dropouts are GPT-2's: softmax -> dropout -> @ v in
 attention, and the residual dropouts (c_proj -> dropout -> residual add) after attention and after the MLP.
-For each p it prints slicecompile.explain's site table, then per backend the median step time, the summed
-GPU kernel time of a step (torch.profiler), the loss over the run and the step time relative to inductor's,
-and appends rows to bench/results/gpt2_block.csv. --model hf runs Hugging Face's GPT2Model instead, with its
-default attention (SDPA with dropout_p: the sdpa_dropout row), and appends to gpt2_block_hf.csv.
+For each p it prints slicecompile.explain's site table, then per backend the median step time (with --rounds,
+the backends take turns), the summed GPU kernel time of a step (torch.profiler), the loss over the run and
+the step time relative to inductor's, and appends rows to bench/results/gpt2_block.csv. --model hf runs
+Hugging Face's GPT2Model instead, with its default attention (SDPA with dropout_p: the sdpa_dropout row), and
+appends to gpt2_block_hf.csv.
 
     python bench/bench_gpt2_block.py --p 0.1 0.5
     python bench/bench_gpt2_block.py --model hf    # Hugging Face's GPT2Model, default (SDPA) attention
@@ -15,19 +16,14 @@ default attention (SDPA with dropout_p: the sdpa_dropout row), and appends to gp
         --steps 3 --warmup 1 --csv /tmp/gpt2_block.csv    # CPU smoke run: perf_counter timing, no kernel time
 """
 
-import argparse
-import csv
-import datetime
 import math
 import pathlib
-import statistics
 
 import torch
 import torch.nn as nn
-import triton
 
 import slicecompile
-from slicecompile.tools.timing import kernel_ms, timed_steps
+from slicecompile.tools.bench import CsvFile, argument_parser, interleaved_steps, run_metadata, training_step
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FIELDS = "gpu backend p layers d_model heads tokens step_ms kernel_ms loss_first loss_last".split()
@@ -125,9 +121,8 @@ def make_model(p, args):
     return MODELS[args.model](args.d_model, args.heads, args.seq, args.layers, p).to(args.device)
 
 
-def train(backend, p, args, batches):
-    """Median step ms after the warm-up steps, GPU kernel ms of a step (None on a CPU), and the losses."""
-    torch._dynamo.reset()
+def trainer(backend, p, args):
+    """A training step of a fresh model under backend: step(x, y) -> loss."""
     torch.manual_seed(0)
     model = make_model(p, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -136,25 +131,21 @@ def train(backend, p, args, batches):
         compile_backend, options = VARIANTS.get(backend, (backend, {}))
         options = {**options, "triton.cudagraphs": True} if args.cudagraphs else options
         step_fn = torch.compile(model, backend=compile_backend, options=options or None)
+    return training_step(step_fn, optimizer, nn.functional.mse_loss, args.device.type)
 
-    def step(x, y):
-        with torch.autocast(args.device.type, dtype=torch.bfloat16):
-            loss = nn.functional.mse_loss(step_fn(x).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
 
-    times, losses = timed_steps(step, batches, args.steps, args.device)
-    x, y = batches[0]
-    gpu_ms = kernel_ms(lambda: step(x, y), steps=5) if args.device.type == "cuda" else None
-    return statistics.median(times[args.warmup :]), gpu_ms, losses
+def train(p, args, batches):
+    """{backend: StepRuns} at p: every backend compiles and warms up first, then the rounds run
+    the backends in turn."""
+    torch._dynamo.reset()
+    steps = {backend: trainer(backend, p, args) for backend in args.backends}
+    return interleaved_steps(steps, batches, args.warmup, args.steps - args.warmup, args.rounds, args.device)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, rounds=1, device="cuda")
     parser.add_argument("--model", choices=MODELS, default="nanogpt", help="hf: Hugging Face's GPT2Model (SDPA)")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="steps of each backend, --warmup of them once only")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
     parser.add_argument("--p", type=float, nargs="+", default=[0.1, 0.5])
     parser.add_argument("--layers", type=int, default=4)
@@ -168,12 +159,13 @@ def main():
     parser.add_argument(
         "--cudagraphs", action="store_true", help="compile with CUDA graphs (Inductor's triton.cudagraphs)"
     )
-    parser.add_argument("--device", type=torch.device, default=torch.device("cuda"))
     parser.add_argument("--csv", type=pathlib.Path, default=None, help="default: results/gpt2_block[_hf].csv")
     args = parser.parse_args()
     args.csv = args.csv or RESULTS / ("gpt2_block.csv" if args.model == "nanogpt" else f"gpt2_block_{args.model}.csv")
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
+    meta = run_metadata(args.device)
+    out = CsvFile(args.csv, FIELDS, meta)
 
     torch.manual_seed(0)
     teacher = nn.Linear(args.d_model, args.d_model).to(args.device)
@@ -182,47 +174,37 @@ def main():
         x = torch.randn(args.batch, args.seq, args.d_model, device=args.device)
         batches.append((x, teacher(x).detach().tanh()))
 
-    gpu = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     tokens = args.batch * args.seq
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.csv.exists()
-    with open(args.csv, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        for p in args.p:
-            with torch.autocast(args.device.type, dtype=torch.bfloat16):
-                print(f"\np {p}:\n{slicecompile.explain(make_model(p, args), batches[0][0])}")
-            results = {backend: train(backend, p, args, batches) for backend in args.backends}
-            inductor_ms = results["inductor"][0] if "inductor" in results else None
-            print(
-                f"\n{gpu}: {args.layers} GPT-2 blocks, d_model {args.d_model}, {args.heads} heads, p {p}, "
-                f"{tokens} tokens/step, bf16 autocast, {args.steps} steps"
-            )
-            print(f"{'backend':<22}{'step ms':>9}{'kernel ms':>11}{'/inductor':>11}{'loss first':>12}{'loss last':>11}")
-            for backend, (step_ms, gpu_ms, losses) in results.items():
-                ratio = f"{step_ms / inductor_ms:.3f}" if inductor_ms else "-"
-                gpu_text = "-" if gpu_ms is None else f"{gpu_ms:.2f}"
-                print(f"{backend:<22}{step_ms:>9.2f}{gpu_text:>11}{ratio:>11}{losses[0]:>12.4f}{losses[-1]:>11.4f}")
-                writer.writerow(
-                    dict(
-                        gpu=gpu,
-                        backend=backend if backend == "eager" or not args.cudagraphs else f"{backend} (cudagraphs)",
-                        p=p,
-                        layers=args.layers,
-                        d_model=args.d_model,
-                        heads=args.heads,
-                        tokens=tokens,
-                        step_ms=f"{step_ms:.3f}",
-                        kernel_ms="" if gpu_ms is None else f"{gpu_ms:.3f}",
-                        loss_first=f"{losses[0]:.5f}",
-                        loss_last=f"{losses[-1]:.5f}",
-                        torch=torch.__version__,
-                        triton=triton.__version__,
-                        timestamp=stamp,
-                    )
+    for p in args.p:
+        with torch.autocast(args.device.type, dtype=torch.bfloat16):
+            print(f"\np {p}:\n{slicecompile.explain(make_model(p, args), batches[0][0])}")
+        results = train(p, args, batches)
+        inductor_ms = results["inductor"].step_ms if "inductor" in results else None
+        print(
+            f"\n{meta['gpu']}: {args.layers} GPT-2 blocks, d_model {args.d_model}, {args.heads} heads, p {p}, "
+            f"{tokens} tokens/step, bf16 autocast, {args.steps} steps"
+        )
+        print(f"{'backend':<22}{'step ms':>9}{'kernel ms':>11}{'/inductor':>11}{'loss first':>12}{'loss last':>11}")
+        for backend, runs in results.items():
+            step_ms, gpu_ms, losses = runs.step_ms, runs.kernel_ms, runs.losses
+            ratio = f"{step_ms / inductor_ms:.3f}" if inductor_ms else "-"
+            gpu_text = "-" if gpu_ms is None else f"{gpu_ms:.2f}"
+            rounds = f"  rounds {runs.spread}" if args.rounds > 1 else ""
+            print(f"{backend:<22}{step_ms:>9.2f}{gpu_text:>11}{ratio:>11}{losses[0]:>12.4f}{losses[-1]:>11.4f}{rounds}")
+            out.append(
+                dict(
+                    backend=backend if backend == "eager" or not args.cudagraphs else f"{backend} (cudagraphs)",
+                    p=p,
+                    layers=args.layers,
+                    d_model=args.d_model,
+                    heads=args.heads,
+                    tokens=tokens,
+                    step_ms=f"{step_ms:.3f}",
+                    kernel_ms="" if gpu_ms is None else f"{gpu_ms:.3f}",
+                    loss_first=f"{losses[0]:.5f}",
+                    loss_last=f"{losses[-1]:.5f}",
                 )
+            )
 
 
 if __name__ == "__main__":

@@ -21,17 +21,15 @@ through /proc/self/clear_refs) above its resident set before the step, with glib
 serve every allocation of 64 KiB or more by mmap so that freed tensors leave the resident set:
 resident pages, as the OS counts them, not bytes asked of torch's allocator.
 
-Prints a table and appends rows to bench/results/hashed_outputs.csv.
+With --rounds, each round times every provider once in turn, and the time is the median over
+rounds. Prints a table and appends rows to bench/results/hashed_outputs.csv.
 
     python bench/bench_hashed_outputs.py --shapes amazon lm --active 0.05 0.1 0.25
     python bench/bench_hashed_outputs.py --device cuda --dtype bfloat16 --shapes amazon lm
 """
 
-import argparse
 import contextlib
-import csv
 import ctypes
-import datetime
 import gc
 import pathlib
 import time
@@ -40,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import slicecompile
+from slicecompile.tools.bench import CsvFile, Spread, argument_parser, interleave, run_metadata
 from slicecompile.tools.timing import median_ms
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -99,6 +98,17 @@ def step_of(loss_fn, x, w, b, t):
     return step
 
 
+def timer(loss_fn, inputs, device, args):
+    """A function that times one step of loss_fn on inputs (x, w, b, t): its median wall ms, or
+    with a WeightCodes its mean over whole refresh periods."""
+    step, (x, w, b, _) = step_of(loss_fn, *inputs), inputs
+    codes = getattr(loss_fn, "weight_codes", None)
+    if codes is None:
+        return lambda: median_ms(step, device, grad_to_none=[x, w, b], rep_ms=args.rep_ms)
+    period = codes.period(args.bits, args.tables, x.shape[0])
+    return lambda: mean_ms(step, device, [x, w, b], period, args.rep_ms)
+
+
 def mean_ms(step, device, leaves, period, rep_ms):
     """Mean wall time of a step over whole refresh periods of its WeightCodes (re-hashing steps and
     the others in their proportion), at least rep_ms of them after a warm-up period."""
@@ -155,8 +165,7 @@ def peak_bytes(step, device, leaves):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser = argument_parser(__doc__, rounds=1, device="cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--shapes", nargs="+", default=["amazon", "lm"], help="amazon, lm or M,E,N")
     parser.add_argument("--active", type=float, nargs="+", default=[0.05])
@@ -172,42 +181,45 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / args.csv
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        for shape in args.shapes:
-            m, e, n = SHAPES[shape] if shape in SHAPES else tuple(int(v) for v in shape.split(","))
-            x, w, b, t = inputs(m, e, n, dtype, device)
-            print(f"\n{name}, {args.dtype}: M {m}, E {e}, N {n}, block {args.block}, {args.bits} bits x {args.tables}")
-            print(f"{'provider':<16}{'fwd+bwd ms':>12}{'peak MiB':>10}{'time vs dense':>15}{'memory vs dense':>17}")
-            base = None
-            for provider, (active, loss_fn) in providers(device, args.active, args).items():
-                if args.providers and provider not in args.providers and provider.split("@")[0] not in args.providers:
-                    continue
-                step = step_of(loss_fn, x, w, b, t)
-                codes = getattr(loss_fn, "weight_codes", None)
-                if codes is None:
-                    ms = median_ms(step, device, grad_to_none=[x, w, b], rep_ms=args.rep_ms)
-                else:
-                    ms = mean_ms(step, device, [x, w, b], codes.period(args.bits, args.tables, m), args.rep_ms)
-                peak_mb = peak_bytes(step, device, [x, w, b]) / 2**20
-                base = base or ((ms, peak_mb) if provider == "dense" else None)
-                speed = f"{base[0] / ms:.2f}x faster" if base else "-"
-                memory = f"{peak_mb / base[1]:.3f}x" if base else "-"
-                print(f"{provider:<16}{ms:>12.1f}{peak_mb:>10.1f}{speed:>15}{memory:>17}")
-                row = dict(device=name, provider=provider.split("@")[0], M=m, E=e, N=n, active=active or "")
-                row |= dict(block="x".join(map(str, args.block)), fwd_bwd_ms=f"{ms:.2f}", peak_mb=f"{peak_mb:.1f}")
-                row |= dict(dtype=args.dtype, bits=args.bits, tables=args.tables, torch=torch.__version__)
-                writer.writerow(row | dict(timestamp=stamp))
-                f.flush()  # a run stopped by a time limit keeps the rows it measured
-            del x, w, b, t
+    meta = run_metadata(args.device)
+    meta["device"] = meta.pop("gpu")
+    out = CsvFile(RESULTS / args.csv, FIELDS, meta)
+    for shape in args.shapes:
+        m, e, n = SHAPES[shape] if shape in SHAPES else tuple(int(v) for v in shape.split(","))
+        hashing = f"block {args.block}, {args.bits} bits x {args.tables}"
+        print(f"\n{meta['device']}, {args.dtype}: M {m}, E {e}, N {n}, {hashing}")
+        run_shape(inputs(m, e, n, DTYPES[args.dtype], args.device), args, out)
+
+
+def run_shape(tensors, args, out):
+    """Times every chosen provider at one shape, the providers interleaved, then measures each one's
+    peak memory; prints and appends its row as soon as its last round ends."""
+    x, w, b, _ = tensors
+    (m, e), n = x.shape, w.shape[0]
+    chosen = {
+        provider: (active, loss_fn)
+        for provider, (active, loss_fn) in providers(args.device, args.active, args).items()
+        if not args.providers or provider in args.providers or provider.split("@")[0] in args.providers
+    }
+    base = None
+
+    def report(provider, times):
+        nonlocal base
+        active, loss_fn = chosen[provider]
+        ms = Spread.of(times)
+        peak_mb = peak_bytes(step_of(loss_fn, *tensors), args.device, [x, w, b]) / 2**20
+        base = base or ((ms.median, peak_mb) if provider == "dense" else None)
+        speed = f"{base[0] / ms.median:.2f}x faster" if base else "-"
+        memory = f"{peak_mb / base[1]:.3f}x" if base else "-"
+        rounds = f"  rounds {ms}" if args.rounds > 1 else ""
+        print(f"{provider:<16}{ms.median:>12.1f}{peak_mb:>10.1f}{speed:>15}{memory:>17}{rounds}", flush=True)
+        row = dict(provider=provider.split("@")[0], M=m, E=e, N=n, active=active or "")
+        row |= dict(block="x".join(map(str, args.block)), fwd_bwd_ms=f"{ms.median:.2f}", peak_mb=f"{peak_mb:.1f}")
+        out.append(row | dict(dtype=args.dtype, bits=args.bits, tables=args.tables))
+
+    print(f"{'provider':<16}{'fwd+bwd ms':>12}{'peak MiB':>10}{'time vs dense':>15}{'memory vs dense':>17}")
+    timers = {provider: timer(loss_fn, tensors, args.device, args) for provider, (_, loss_fn) in chosen.items()}
+    interleave(timers, args.rounds, done=report)
 
 
 if __name__ == "__main__":

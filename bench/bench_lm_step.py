@@ -1,17 +1,21 @@
 """One training step of the demo's language model (6 layers, width 384, batch 64 x 256 bytes,
 bf16 autocast, AdamW) under Inductor and slicecompile, with dropout on both sites (attention
-probabilities and MLP) or on the MLP only: wall ms per step (30 steps after 5 of warm-up) and
-the summed GPU kernel time of a step, with the six costliest kernels. Prints a table.
+probabilities and MLP) or on the MLP only: wall ms per step (30 steps after 5 of warm-up; with
+--rounds, the configurations take turns and the median over rounds is shown) and the summed GPU
+kernel time of a step, with the six costliest kernels. Prints a table.
 
     python bench/bench_lm_step.py
+    python bench/bench_lm_step.py --rounds 5
 """
 
-import time
+import functools
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from slicecompile.demo.model import Config, LanguageModel
+from slicecompile.tools.bench import Spread, argument_parser, device_name, interleave
+from slicecompile.tools.timing import mean_call_ms
 
 CASES = [
     ("Inductor, attention and MLP dropout", "inductor", None, 0.1),
@@ -22,8 +26,8 @@ CASES = [
 ]
 
 
-def step_times(backend, options, attention_p, p=0.1, steps=30):
-    torch._dynamo.reset()
+def trainer(backend, options, attention_p, p=0.1):
+    """A training step of a fresh model: step() runs one on a fixed batch."""
     torch.manual_seed(0)
     model = LanguageModel(Config(context=256, layers=6, heads=6, width=384, p=p)).cuda()
     for block in model.blocks:
@@ -39,29 +43,31 @@ def step_times(backend, options, attention_p, p=0.1, steps=30):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / steps * 1000
+    return step
+
+
+def kernels(step, steps=5):
+    """The summed GPU kernel ms of a step, and its six costliest kernels."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda event: -event.self_device_time_total)
-    gpu = sum(event.self_device_time_total for event in events) / 5 / 1000
-    top = "; ".join(f"{event.key[:50]} {event.self_device_time_total / 5000:.2f}" for event in events[:6])
-    return wall, gpu, top
+    gpu = sum(event.self_device_time_total for event in events) / steps / 1000
+    top = "; ".join(f"{event.key[:50]} {event.self_device_time_total / steps / 1000:.2f}" for event in events[:6])
+    return gpu, top
 
 
 def main():
-    print(f"{torch.cuda.get_device_name()}: ms per training step")
-    for name, backend, options, attention_p in CASES:
-        wall, gpu, top = step_times(backend, options, attention_p)
-        print(f"{name:<38} wall {wall:6.2f}  GPU {gpu:6.2f} | {top}", flush=True)
+    args = argument_parser(__doc__, rounds=1).parse_args()
+    steps = {name: trainer(backend, options, attention_p) for name, backend, options, attention_p in CASES}
+    timers = {name: functools.partial(mean_call_ms, step, 30, warmup=5) for name, step in steps.items()}
+    walls = interleave(timers, args.rounds)
+    print(f"{device_name()}: ms per training step")
+    for name, step in steps.items():
+        wall, (gpu, top) = Spread.of(walls[name]), kernels(step)
+        rounds = f" ±{100 * wall.half_range:.1f}%" if args.rounds > 1 else ""
+        print(f"{name:<38} wall {wall.median:6.2f}{rounds}  GPU {gpu:6.2f} | {top}", flush=True)
 
 
 if __name__ == "__main__":

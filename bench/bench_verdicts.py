@@ -6,15 +6,10 @@ backend times a site at compile time, and the verdict. Appends rows to bench/res
     python bench/bench_verdicts.py
 """
 
-import argparse
-import csv
-import datetime
 import pathlib
 
-import torch
-import triton
-
 from slicecompile.compiler.verdicts import MARGIN, Workload, time_workload
+from slicecompile.tools.bench import CsvFile, argument_parser, run_metadata
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FIELDS = "gpu kind shapes dtype p settings ours_ms inductor_ms ratio rewritten torch triton timestamp".split()
@@ -41,33 +36,25 @@ def workloads(ps, block):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--p", type=float, nargs="+", default=[0.1, 0.5])
     parser.add_argument("--block", type=int, nargs=2, default=(128, 128))
     parser.add_argument("--csv", type=pathlib.Path, default=RESULTS / "verdicts.csv")
     args = parser.parse_args()
-    gpu = torch.cuda.get_device_name()
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    new = not args.csv.exists()
-    with args.csv.open("a", newline="") as file:
-        writer = csv.DictWriter(file, FIELDS)
-        if new:
-            writer.writeheader()
-        print(f"{'kind':10s} {'shapes':44s} {'p':>5s} {'ours ms':>8s} {'dense ms':>8s} {'ratio':>6s}  verdict")
-        for work in workloads(args.p, tuple(args.block)):
-            try:
-                ours, dense = time_workload(work)
-            except Exception as error:  # a kernel failing at a shape is a result too
-                print(f"{work.kind:10s} {str(work.shapes):44s} {work.p:5g} failed: {type(error).__name__}: {error}")
-                continue
-            rewritten = ours <= MARGIN * dense
-            print(f"{work.kind:10s} {str(work.shapes):44s} {work.p:5g} {ours:8.3f} {dense:8.3f} {dense / ours:6.2f}  "
-                  f"{'rewrite' if rewritten else 'Inductor'}")  # fmt: skip
-            row = {"gpu": gpu, "kind": work.kind, "shapes": work.shapes, "dtype": work.dtype, "p": work.p}
-            row |= {"settings": work.settings, "ours_ms": f"{ours:.4f}", "inductor_ms": f"{dense:.4f}"}
-            row |= {"ratio": f"{dense / ours:.3f}", "rewritten": rewritten, "torch": torch.__version__}
-            writer.writerow(row | {"triton": triton.__version__, "timestamp": stamp})
-            file.flush()
+    out = CsvFile(args.csv, FIELDS, run_metadata())
+    print(f"{'kind':10s} {'shapes':44s} {'p':>5s} {'ours ms':>8s} {'dense ms':>8s} {'ratio':>6s}  verdict")
+    for work in workloads(args.p, tuple(args.block)):
+        try:
+            ours, dense = time_workload(work)
+        except Exception as error:  # a kernel failing at a shape is a result too
+            print(f"{work.kind:10s} {str(work.shapes):44s} {work.p:5g} failed: {type(error).__name__}: {error}")
+            continue
+        rewritten = ours <= MARGIN * dense
+        print(f"{work.kind:10s} {str(work.shapes):44s} {work.p:5g} {ours:8.3f} {dense:8.3f} {dense / ours:6.2f}  "
+              f"{'rewrite' if rewritten else 'Inductor'}")  # fmt: skip
+        row = {"kind": work.kind, "shapes": work.shapes, "dtype": work.dtype, "p": work.p}
+        row |= {"settings": work.settings, "ours_ms": f"{ours:.4f}", "inductor_ms": f"{dense:.4f}"}
+        out.append(row | {"ratio": f"{dense / ours:.3f}", "rewritten": rewritten})
 
 
 if __name__ == "__main__":

@@ -2,24 +2,20 @@
 conv3x3, plus the identity shortcut; by default the last stage: 4 blocks of 640 channels at 8x8,
 batch 128, bf16 autocast, SGD with momentum 0.9, lr 0.01) under eager, backend="inductor" and
 backend="slicecompile" with the block and the slice policy. Reports the median step time (CUDA
-events), the summed GPU kernel time of a step (torch.profiler) and the loss over the run, and
-appends rows to bench/results/wrn_block.csv.
+events; with --rounds, the variants take turns), the summed GPU kernel time of a step
+(torch.profiler) and the loss over the run, and appends rows to bench/results/wrn_block.csv.
 
     python bench/bench_wrn_block.py --p 0.3 0.5
+    python bench/bench_wrn_block.py --p 0.5 --steps 30 --rounds 5 --variants inductor "slicecompile block"
 """
 
-import argparse
-import csv
-import datetime
 import pathlib
-import statistics
 
 import torch
 import torch.nn as nn
-import triton
 
 import slicecompile
-from slicecompile.tools.timing import kernel_ms, timed_steps
+from slicecompile.tools.bench import CsvFile, argument_parser, interleaved_steps, run_metadata, training_step
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FIELDS = "gpu variant mode samples_per_group p blocks channels size batch step_ms kernel_ms".split()
@@ -55,8 +51,8 @@ class Stage(nn.Module):
         return self.head(self.blocks(x).mean(dim=(2, 3)))
 
 
-def train(variant, p, args, batches):
-    torch._dynamo.reset()
+def trainer(variant, p, args):
+    """A training step of a fresh stage under variant: step(x, y) -> loss."""
     torch.manual_seed(0)
     model = Stage(args.blocks, args.channels, p).cuda()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
@@ -66,36 +62,38 @@ def train(variant, p, args, batches):
     if args.cudagraphs:  # mode="reduce-overhead", which torch.compile does not take together with options=
         options = {**(options or {}), "triton.cudagraphs": True}
     step_fn = model if backend is None else torch.compile(model, backend=backend, options=options)
+    return training_step(step_fn, optimizer, nn.functional.cross_entropy)
 
-    def step(x, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(step_fn(x).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
 
-    times, losses = timed_steps(step, batches, args.steps)
-    x, y = batches[0]
+def train(p, args, batches):
+    """{variant: StepRuns} at p: every variant compiles and warms up first, then the rounds run
+    the variants in turn."""
+    torch._dynamo.reset()
+    steps = {variant: trainer(variant, p, args) for variant in args.variants}
+    runs = interleaved_steps(steps, batches, args.warmup, args.steps - args.warmup, args.rounds)
     counters = torch._dynamo.utils.counters
-    print(f"  {variant}: {counters['stats']['unique_graphs']} graphs so far, {dict(counters['slicecompile'])}")
-    return statistics.median(times[args.warmup :]), kernel_ms(lambda: step(x, y), steps=5), losses
+    print(f"  p {p}: {counters['stats']['unique_graphs']} graphs so far, {dict(counters['slicecompile'])}")
+    return runs
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, rounds=1)
     parser.add_argument("--p", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--channels", type=int, default=640)
     parser.add_argument("--size", type=int, default=8, help="height and width of the feature maps")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=40, help="steps of each variant, --warmup of them once only")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--samples-per-group", type=int, default=8, help="the block policy's sample groups")
     parser.add_argument("--cudagraphs", action="store_true", help='CUDA graphs, as mode="reduce-overhead"')
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compilation)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
+    if args.steps <= args.warmup:
+        parser.error("--steps must exceed --warmup")
+    meta = run_metadata()
+    out = CsvFile(RESULTS / "wrn_block.csv", FIELDS, meta)
 
     torch.manual_seed(0)
     shape = (args.batch, args.channels, args.size, args.size)
@@ -108,48 +106,38 @@ def main():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         print(slicecompile.explain(Stage(args.blocks, args.channels, args.p[0]).cuda(), batches[0][0]))
 
-    gpu = torch.cuda.get_device_name()
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "wrn_block.csv"
-    new = not out.exists()
-    print(f"\n{gpu}: {args.blocks} WRN blocks, {args.channels} channels at {args.size}x{args.size}, batch {args.batch}")
+    size = f"{args.channels} channels at {args.size}x{args.size}, batch {args.batch}"
+    print(f"\n{meta['gpu']}: {args.blocks} WRN blocks, {size}")
     print(
         f"{'variant':<20}{'p':>5}{'step ms':>9}{'kernel ms':>11}{'vs inductor':>13}{'loss first':>12}{'loss last':>11}"
     )
-    with open(out, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        for p in args.p:
-            inductor_ms = None
-            for variant in args.variants:
-                step_ms, gpu_ms, losses = train(variant, p, args, batches)
-                inductor_ms = step_ms if variant == "inductor" else inductor_ms
-                versus = f"{inductor_ms / step_ms:.2f}x" if inductor_ms else "-"
-                print(
-                    f"{variant:<20}{p:>5}{step_ms:>9.2f}{gpu_ms:>11.2f}{versus:>13}{losses[0]:>12.4f}{losses[-1]:>11.4f}"
+    for p in args.p:
+        results = train(p, args, batches)
+        inductor_ms = results["inductor"].step_ms if "inductor" in results else None
+        for variant, runs in results.items():
+            step_ms, losses = runs.step_ms, runs.losses
+            versus = f"{inductor_ms / step_ms:.2f}x" if inductor_ms else "-"
+            rounds = f"  rounds {runs.spread}" if args.rounds > 1 else ""
+            print(
+                f"{variant:<20}{p:>5}{step_ms:>9.2f}{runs.kernel_ms:>11.2f}{versus:>13}{losses[0]:>12.4f}"
+                f"{losses[-1]:>11.4f}{rounds}"
+            )
+            out.append(
+                dict(
+                    variant=variant,
+                    mode="cudagraphs" if args.cudagraphs else "default",
+                    samples_per_group=args.samples_per_group if variant == "slicecompile block" else "",
+                    p=p,
+                    blocks=args.blocks,
+                    channels=args.channels,
+                    size=args.size,
+                    batch=args.batch,
+                    step_ms=f"{step_ms:.3f}",
+                    kernel_ms=f"{runs.kernel_ms:.3f}",
+                    loss_first=f"{losses[0]:.5f}",
+                    loss_last=f"{losses[-1]:.5f}",
                 )
-                writer.writerow(
-                    dict(
-                        gpu=gpu,
-                        variant=variant,
-                        mode="cudagraphs" if args.cudagraphs else "default",
-                        samples_per_group=args.samples_per_group if variant == "slicecompile block" else "",
-                        p=p,
-                        blocks=args.blocks,
-                        channels=args.channels,
-                        size=args.size,
-                        batch=args.batch,
-                        step_ms=f"{step_ms:.3f}",
-                        kernel_ms=f"{gpu_ms:.3f}",
-                        loss_first=f"{losses[0]:.5f}",
-                        loss_last=f"{losses[-1]:.5f}",
-                        torch=torch.__version__,
-                        triton=triton.__version__,
-                        timestamp=stamp,
-                    )
-                )
+            )
 
 
 if __name__ == "__main__":

@@ -6,24 +6,18 @@ the GPU never waits on itself: microseconds of wall time per call, after warm-up
 
 import cProfile
 import pstats
-import time
 
 import torch
 import torch.nn.functional as F
 
 from slicecompile import draw_block_mask, dropout_linear
 from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul
+from slicecompile.tools.bench import device_name
+from slicecompile.tools.timing import mean_call_ms
 
 
 def per_call_us(fn, calls=200):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    return mean_call_ms(fn, calls) * 1000
 
 
 def main():
@@ -50,7 +44,7 @@ def main():
         "dropout_linear fwd (no grad)": lambda: dropout_linear(xd, wd, p=0.5),
         "dropout_linear fwd+bwd": lambda: dropout_linear(x, w, p=0.5).backward(dy),
     }
-    print(f"{torch.cuda.get_device_name()}: host microseconds per call at {M}x{K}x{N}")
+    print(f"{device_name()}: host microseconds per call at {M}x{K}x{N}")
     for name, fn in pieces.items():
         print(f"{name:<32}{per_call_us(fn):>9.1f}")
     profile = cProfile.Profile()

@@ -6,19 +6,15 @@ candidates beside each kernel.
     python bench/sweep_kernel_configs.py --shape 8192 4096 4096 --p 0.5 --csv bench/results/kernel_configs.csv
 """
 
-import argparse
-import csv
-import datetime
 import functools
 import itertools
-import os
 
 import torch
-import triton
 from triton.testing import do_bench
 
 from slicecompile import draw_block_mask
 from slicecompile.kernels import sparse_input_matmul, sparse_output_matmul
+from slicecompile.tools.bench import CsvFile, argument_parser, run_metadata
 
 VARIANTS = {  # name: (tma, persistent)
     "pointer": (False, False),
@@ -28,6 +24,9 @@ VARIANTS = {  # name: (tma, persistent)
 
 
 CONFIG_FIELDS = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"]
+# WARP_SPECIALIZE: earlier sweeps tried Triton's warp specialisation; this one never does.
+FIELDS = ["gpu", "dtype", "M", "K", "N", "p", "role", "variant", "ms", "dense_ms", "limit_ms", *CONFIG_FIELDS]
+FIELDS += ["WARP_SPECIALIZE", "torch", "triton", "timestamp"]
 
 
 def configs(role, variant):
@@ -41,7 +40,7 @@ def configs(role, variant):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argument_parser(__doc__)
     parser.add_argument("--shape", type=int, nargs=3, default=(8192, 4096, 4096))
     parser.add_argument("--p", type=float, default=0.5)
     parser.add_argument("--dtype", default="bfloat16")
@@ -49,6 +48,8 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--csv", default=None, help="append every timing to this CSV")
     args = parser.parse_args()
+    meta = run_metadata() | dict(dtype=args.dtype)
+    out = CsvFile(args.csv, FIELDS, meta) if args.csv else None
     M, K, N = args.shape
     dtype = getattr(torch, args.dtype)
     block = (128, 128)
@@ -83,9 +84,8 @@ def main():
             lambda: dy.t() @ xk,
         ),
     }
-    gpu = torch.cuda.get_device_name()
-    versions = f"torch {torch.__version__}, triton {triton.__version__}"
-    print(f"{gpu}, {args.dtype}, (M, K, N) = {(M, K, N)}, p = {args.p}, {versions}")
+    versions = f"torch {meta['torch']}, triton {meta['triton']}"
+    print(f"{meta['gpu']}, {args.dtype}, (M, K, N) = {(M, K, N)}, p = {args.p}, {versions}")
     rows_out = []
     summary = []
     for role in args.roles:
@@ -113,30 +113,8 @@ def main():
     print("\nbest per role and variant")
     for role, variant, ms, limit_ms, c in summary:
         print(f"{role:4s} {variant:15s} {ms:.3f} ms  limit {limit_ms:.3f}  x{ms / limit_ms:.2f}  {c}")
-    if args.csv:
-        new = not os.path.exists(args.csv)
-        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        with open(args.csv, "a", newline="") as f:
-            config = [*CONFIG_FIELDS, "WARP_SPECIALIZE"]  # earlier sweeps tried Triton's warp specialisation
-            fields = ["gpu", "dtype", "M", "K", "N", "p", "role", "variant", "ms", "dense_ms", "limit_ms", *config]
-            writer = csv.DictWriter(f, fieldnames=[*fields, "torch", "triton", "timestamp"], restval=False)
-            if new:
-                writer.writeheader()
-            for r in rows_out:
-                writer.writerow(
-                    dict(
-                        gpu=gpu,
-                        dtype=args.dtype,
-                        M=M,
-                        K=K,
-                        N=N,
-                        p=args.p,
-                        **r,
-                        torch=torch.__version__,
-                        triton=triton.__version__,
-                        timestamp=stamp,
-                    )
-                )
+    if out:
+        out.append(*(dict(M=M, K=K, N=N, p=args.p, **r, WARP_SPECIALIZE=False) for r in rows_out))
 
 
 if __name__ == "__main__":

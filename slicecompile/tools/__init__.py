@@ -1,2 +1,2 @@
-"""Tools on top of the ops: `python -m slicecompile tune` (tune.py) and the benchmarks' timing
-helpers (timing.py)."""
+"""Tools on top of the ops: `python -m slicecompile tune` (tune.py), and the benchmarks' timing
+helpers (timing.py) and shared harness (bench.py: run metadata, CSV files, interleaved rounds)."""

@@ -1,5 +1,6 @@
 """Timing helpers for the benchmarks: median wall time of a callable (CUDA events
-through triton's do_bench on a GPU, perf_counter on a CPU), and the GPU kernel time of a step."""
+through triton's do_bench on a GPU, perf_counter on a CPU), mean wall time of calls in a row, the
+GPU kernel time of a step, and the wall time of each of a run of training steps."""
 
 import statistics
 import time
@@ -23,6 +24,20 @@ def median_ms(fn, device, grad_to_none=None, rep_ms=200, min_samples=3):
         fn()
         samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples)
+
+
+def mean_call_ms(fn, calls, warmup=10, device="cuda"):
+    """Mean wall ms per call over `calls` calls in a row after `warmup`, synchronised only before
+    and after them, so that the host runs ahead of the GPU as in training: throughput, not latency."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls * 1000
 
 
 def kernel_ms(fn, grad_to_none=(), steps=10):
