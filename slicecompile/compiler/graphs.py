@@ -78,12 +78,16 @@ def restart_with_constant_p(gm):
 
 
 def module_path(node):
+    """The dropout's module as named_modules() names it from the compiled frame's module.
+    Dynamo's path may pass through the modules' dicts: a module with its own __getattr__ (PEFT's
+    wrappers) is read as L['self'].__dict__['_modules']['base_model']; those hops are dropped."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
     path = list(stack.values())[-1][0]  # e.g. "L['self'].layers[0].dropout"
     path = re.sub(r"^[LG]\['[^']*'\]", "", path)  # the frame's local or global the module came from
-    return re.sub(r"\['?([^'\]]*)'?\]", r".\1", path).replace("_modules.", "").strip(".")
+    path = re.sub(r"\['?([^'\]]*)'?\]", r".\1", path)
+    return ".".join(part for part in path.split(".") if part and part not in ("__dict__", "_modules"))
 
 
 TORCH_DIR = os.path.dirname(torch.__file__)
