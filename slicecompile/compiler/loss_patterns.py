@@ -18,8 +18,9 @@ from torch.fx import Node
 from ..ops.hashed_linear_cross_entropy import DEFAULT_HASHED_BLOCK, REDUCTIONS
 from ..ops.simhash import tile_budget
 from .graphs import location, module_path
-from .patterns import describe, is_view, meta_value, pattern_of, shape_of, size_reason
+from .patterns import describe, is_view, meta_value, pattern_of, shape_of
 from .records import Site
+from .size_gate import size_reason
 
 CASTS = {"float", "double", "half", "bfloat16", "to", "type_as"}
 
@@ -120,7 +121,7 @@ def decide_loss(node, options):
 
 
 def _reason(match, options):
-    if reason := size_reason([match.gemm], options):
+    if reason := size_reason([match.gemm], options, match.dtype):
         return reason
     n, block_n = match.gemm[2], DEFAULT_HASHED_BLOCK[1]
     tiles, budget = -(-n // block_n), tile_budget(n, block_n, options.hashed_outputs)

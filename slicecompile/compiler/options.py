@@ -13,9 +13,6 @@ from ..ops.dropout_attention import ATTENTION_POLICIES
 from .verdicts import MODES
 
 POLICIES = ("block", "slice")
-# M*K*N below which a GEMM is left to Inductor: 256³. Not yet measured: a guess that smaller
-# GEMMs are bound by launch overhead, where skipping tiles cannot pay for the mask's kernels.
-DEFAULT_MIN_GEMM_SIZE = 2**24
 
 
 @dataclass(frozen=True)
@@ -26,7 +23,7 @@ class Options:
     policy: str = "block"  # or "slice": one window of input features per linear layer (other sites stay block)
     input_side: bool = True  # rewrite dropout -> matmul
     output_side: bool = True  # rewrite matmul -> dropout
-    min_gemm_size: int = DEFAULT_MIN_GEMM_SIZE  # M*K*N summed over a site's matmuls
+    min_gemm_size: int | None = None  # None: sites gated by their work (size_gate.py); an int: by M*K*N
     enabled: bool = True
     samples_per_group: int = 8  # dropout -> conv2d, block policy: samples sharing one channel mask
     hashed_outputs: float | None = None  # active share: F.cross_entropy(linear(x)) over hashed output tiles
@@ -68,8 +65,8 @@ def _validated(options):
     if options.rewrite not in MODES:
         raise ValueError(f"unknown rewrite mode {options.rewrite!r}; known modes: {', '.join(MODES)}")
     size = options.min_gemm_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"min_gemm_size must be an int >= 0, got {size!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ValueError(f"min_gemm_size must be an int >= 0, or None (the size gate by work), got {size!r}")
     for name in ("enabled", "input_side", "output_side"):
         if not isinstance(getattr(options, name), bool):
             raise TypeError(f"{name} must be a bool, got {getattr(options, name)!r}")

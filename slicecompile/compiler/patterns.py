@@ -73,14 +73,6 @@ def hint(size):
     return int(size)
 
 
-def size_reason(gemms, options):
-    """Why GEMMs of these (M, K, N) are too small for a site (options.min_gemm_size), or None."""
-    size = sum(m * k * n for m, k, n in gemms)
-    if size < options.min_gemm_size:
-        return f"GEMM too small (M*K*N = {size} < min_gemm_size = {options.min_gemm_size})"
-    return None
-
-
 def static_size(size):
     """size as an int if it is static, or if the shape environment has pinned it to a constant
     (a dynamic input's in_features, once F.linear has met a static weight), else None."""

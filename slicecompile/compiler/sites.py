@@ -36,11 +36,11 @@ from .patterns import (
     meta_value,
     pattern_of,
     shape_of,
-    size_reason,
     static_size,
     view_source,
 )
 from .records import DISABLED, EVAL_MODE, IDENTITY, INPUT_SIDE_OFF, OUTPUT_SIDE_OFF, Site
+from .size_gate import size_reason
 from .verdicts import judge
 
 
@@ -119,7 +119,8 @@ def _operand_reason(operand, matches, options):
             and shape_of(match.bias) != match.gemm[2:]
         ):
             return "bias is not a vector of out_features"
-    return size_reason([match.gemm for _, match in matches], options)
+    dtype = next((match.dtype for _, match in matches if match.dtype is not None), x.dtype)
+    return size_reason([match.gemm for _, match in matches], options, dtype)
 
 
 def _policy(site, options):
@@ -217,7 +218,7 @@ def _finish_attention(site, match, options):
         site.matches, site.reason = [], site.reason or match
     else:
         site.matches, site.gemms = [(site.matches[0][0] if site.matches else site.node, match)], match.gemms
-        site.reason = site.reason or attention_reason(match) or size_reason(match.gemms, options)
+        site.reason = site.reason or attention_reason(match) or size_reason(match.gemms, options, match.dtype)
     site.rewritten = not site.reason
     site.reason = site.reason or "rewritten"
     return site

@@ -329,7 +329,11 @@ NEGATIVE = {
     "eval": (_eval(Linear3d), ALWAYS, "eval mode (training=False)"),
     "p0": (lambda: Linear3d().apply(lambda m: setattr(m, "p", 0.0)), ALWAYS, "p = 0 (dropout is the identity)"),
     "float64": (_double(Linear3d), ALWAYS, "unsupported dtype torch.float64"),
-    "small_gemm": (Linear3d, Options(), "GEMM too small (M*K*N = 36864 < min_gemm_size = 16777216)"),
+    "small_gemm": (
+        Linear3d,
+        Options(),
+        "GEMM too small: 0.012 µs forward+backward at an H100's peaks (bytes-bound) < 1 µs",
+    ),
     "disabled": (Linear3d, Options(enabled=False, min_gemm_size=0), "disabled by options"),
     "dropout_on_weight": (DropoutOnWeight, ALWAYS, "used by linear as another operand than its input"),
     "right_operand": (DropoutAsRightOperand, ALWAYS, "used by matmul as another operand than its input"),
