@@ -70,16 +70,17 @@ def attention_delta_kernel(
     tl.store(delta_ptr + (b * H + h) * LQ + offs_m, delta, mask=offs_m < LQ)
 
 
-# Candidates (BLOCK_M, BLOCK_N, warps, stages) per padded head dim. dK/dV holds 128 keys where
-# it can, as the Triton tutorial's Hopper backward does; dQ streams key tiles past its resident
-# query rows. All compile without register spills for sm_90 (Triton 3.7, bench/inspect_kernels.py;
+# Candidates (BLOCK_M, BLOCK_N, warps, stages) per padded head dim, best first by their kernel
+# times on an H100 (as the forward's: bench/results/attention_configs.csv). dK/dV holds 128 keys
+# at head dim 128, as the Triton tutorial's Hopper backward does; at 64, 64 keys with 4 warps were
+# faster. All compile without register spills for sm_90 (Triton 3.7, bench/inspect_kernels.py;
 # 4 warps at 128 keys spilled: 12 B and 684 B at head dim 64, 1.3 KB at 128). At 256 every dK/dV
 # candidate spills.
 GRAD_KV = AttentionKernel(
     attention_grad_kv_kernel,
     {
-        64: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
-        128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 2)],
+        64: [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)],
+        128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 2), (64, 64, 8, 3)],
         256: [(32, 64, 8, 2), (64, 64, 8, 3), (16, 64, 4, 2)],
     },
     resident="BLOCK_N",
@@ -88,8 +89,8 @@ GRAD_KV = AttentionKernel(
 GRAD_Q = AttentionKernel(
     attention_grad_q_kernel,
     {
-        64: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (64, 16, 4, 2)],
-        128: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2)],
+        64: [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (64, 16, 4, 2), (128, 64, 8, 2)],
+        128: [(64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 16, 4, 2), (64, 32, 8, 2)],
         256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 4, 2)],
     },
     resident="BLOCK_M",

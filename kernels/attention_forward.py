@@ -227,14 +227,15 @@ def _key_loop(
     return acc, row_max, row_sum
 
 
-# Candidates (BLOCK_M, BLOCK_N, warps, stages) per padded head dim, after the Triton tutorial's
-# fused attention, kept to those that compile without register spills for sm_90 (Triton 3.7,
-# bench/inspect_kernels.py; at head dim 128, 128x32 with 4 warps spilled); not yet timed on a GPU.
-# At 256 the pointer path spills whatever the tiles. AttentionKernel.fit shrinks them to the mask's
-# block and to the head dims' bytes.
+# Candidates (BLOCK_M, BLOCK_N, warps, stages) per padded head dim, best first by their kernel
+# times on an H100 (bf16, Triton 3.6, the four benchmark shapes causal and not, pointer and TMA
+# paths: bench/results/attention_configs.csv); all compile without register spills for sm_90
+# (Triton 3.7, bench/inspect_kernels.py; at head dim 128, 128x32 with 4 warps spilled). At 256 the
+# pointer path spills whatever the tiles. AttentionKernel.fit shrinks them to the mask's block and
+# to the head dims' bytes.
 FORWARD_CONFIGS = {
-    64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
+    64: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 32, 4, 2), (128, 128, 8, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2), (64, 64, 8, 3)],
     256: [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
 }
 
