@@ -5,7 +5,7 @@
 # behind DEFAULT_BLOCK; output: the linear_dropout (output side) benchmark and its block sweep;
 # attention: the attention tests and the fused attention against SDPA, per kernel variant; probe: every
 # attention kernel candidate checked and timed;
-# gpt2: GPT-2-style blocks' training step;
+# lora: a PEFT LoRA Llama's training step (needs peft); gpt2: GPT-2-style blocks' training step;
 # encoder: the 4-layer encoder training step; slice: the slice policy and the compact saved input
 # against cuBLAS; memory: the encoder step's peak memory; wrn: Wide ResNet blocks; frontier: the
 # language model at equal wall-clock budgets, and its step profile; distributed: the encoder step
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests kernels output attention gpt2 encoder slice memory wrn frontier distributed verdicts hashed}
+parts=${*:-tests kernels output attention lora gpt2 encoder slice memory wrn frontier distributed verdicts hashed}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$out/gpu.txt"
 for part in $parts; do
@@ -98,7 +98,8 @@ for part in $parts; do
       for tma in 0 1; do
         env SLICECOMPILE_ATTENTION_TMA=$tma TORCHINDUCTOR_AUTOGRAD_CACHE=0 TORCHINDUCTOR_FX_GRAPH_CACHE=0 \
           timeout "${ATTENTION_TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_kernels.py \
-          tests/ops/test_dropout_attention.py > "$out/pytest_gpu_attention_tma$tma.log" 2>&1 &
+          tests/ops/test_dropout_attention.py > "$out/pytest_gpu_attention_tma$tma.log" 2>&1; \
+          echo "exit status $? (124: stopped after ${ATTENTION_TEST_S:-150} s)" >> "$out/pytest_gpu_attention_tma$tma.log" &
       done
       timeout "${ATTENTION_TEST_S:-150}" python3 bench/probe_attention_configs.py --length 512 > "$out/probe_checks.log" 2>&1 &
       wait
@@ -110,6 +111,8 @@ for part in $parts; do
         | tee "$out/probe_times_dropkey.log" | sed -n '/^Summary/,$p'
       for tma in 0 1; do echo "== tests, TMA $tma"; tail -3 "$out/pytest_gpu_attention_tma$tma.log"; done
       echo "== probe checks: $(grep -c ' ok ' "$out/probe_checks.log") ok"; grep -E "WRONG|FAILED" "$out/probe_checks.log" | head ;;
+    lora)
+      python3 bench/bench_lora.py 2>&1 | tee "$out/bench_lora.log" ;;
     gpt2)
       python3 bench/bench_gpt2_block.py --p 0.1 0.5 --steps 30 --backends eager inductor slicecompile \
         slicecompile-input slicecompile-output 2>&1 | tee "$out/bench_gpt2_block.log"
