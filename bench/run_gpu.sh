@@ -96,10 +96,11 @@ for part in $parts; do
       # The attention kernels' candidates: each checked at a small shape on both read paths, beside the
       # attention kernel and op tests on each path, then each timed at the benchmark's shapes.
       for tma in 0 1; do
-        env SLICECOMPILE_ATTENTION_TMA=$tma TORCHINDUCTOR_AUTOGRAD_CACHE=0 TORCHINDUCTOR_FX_GRAPH_CACHE=0 \
-          timeout "${ATTENTION_TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_kernels.py \
-          tests/ops/test_dropout_attention.py > "$out/pytest_gpu_attention_tma$tma.log" 2>&1; \
-          echo "exit status $? (124: stopped after ${ATTENTION_TEST_S:-150} s)" >> "$out/pytest_gpu_attention_tma$tma.log" &
+        log="$out/pytest_gpu_attention_tma$tma.log"
+        { env SLICECOMPILE_ATTENTION_TMA=$tma TORCHINDUCTOR_AUTOGRAD_CACHE=0 TORCHINDUCTOR_FX_GRAPH_CACHE=0 \
+            timeout "${ATTENTION_TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider \
+            tests/kernels/test_attention_kernels.py tests/ops/test_dropout_attention.py > "$log" 2>&1
+          echo "exit status $? (124: stopped after ${ATTENTION_TEST_S:-150} s)" >> "$log"; } &
       done
       timeout "${ATTENTION_TEST_S:-150}" python3 bench/probe_attention_configs.py --length 512 > "$out/probe_checks.log" 2>&1 &
       wait
