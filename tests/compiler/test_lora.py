@@ -190,14 +190,14 @@ def test_two_adapters_with_rslora_under_bf16_autocast():
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
-def test_gradient_checkpointing_recomputes_under_the_forward_masks(monkeypatch, graphs):
+@torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+def test_gradient_checkpointing_recomputes_under_the_forward_masks(graphs):
     """HF's checkpointed layers under torch.compile, set up as the README says: transformers'
     kernelized functions (Llama's rotary embedding) set a global in the layer's forward, a side
     effect Dynamo will not trace into a checkpointed region unless told it need not replay it in
     the recomputation (it is undone before the forward returns; without the flag the layers run
     eagerly, unrewritten); and the hook that makes the embeddings' output require grad, which only
     reentrant checkpointing needs, breaks the graph in two."""
-    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
     model = peft_llama()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.get_base_model().disable_input_require_grads()
